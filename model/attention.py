@@ -1,0 +1,118 @@
+"""Paged attention in plain torch (CPU and CUDA alike).
+
+The KV cache of one layer is a tensor (2, num_blocks, block_size, num_kv_heads, head_dim); a sequence's
+tokens live in the blocks its block table lists. Each step writes the new k/v at `slot_mapping`, then
+attends with at most 1 + (number of prefill chunks) SDPA calls. Everything that depends only on the batch
+layout (block ids to gather, masks) is computed once per step and cached on the metadata, because every
+layer of the step asks for the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class DecodePlan(NamedTuple):
+    block_ids: Tensor  # (D, nblk) blocks of the decoding sequences
+    kv_len: int  # positions to attend over (longest context among the decodes)
+    mask: Tensor | None  # (D, 1, 1, kv_len) bool, True = attend; None when every decode uses all kv_len
+
+
+class PrefillPlan(NamedTuple):
+    start: int  # first token of this chunk in the flattened batch
+    length: int  # tokens in this chunk
+    block_ids: Tensor | None  # (nblk,) blocks holding the whole context; None when the chunk starts at 0
+    context_len: int
+    mask: Tensor | None  # (length, context_len) bool, causal offset by the prior context; None from 0
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: Tensor  # (T,) int64: flat cache slot = block_id * block_size + offset, per new token
+    query_lens: list[int]  # per sequence, new tokens this step; the first num_decodes sequences have 1
+    context_lens: list[int]  # per sequence, kv length after this step's tokens are written
+    block_tables: Tensor  # (B, max_blocks) int64, padded with 0
+    num_decodes: int
+    block_size: int
+    _decode_plan: DecodePlan | None = field(default=None, init=False, repr=False, compare=False)
+    _prefill_plans: list[PrefillPlan] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def decode_plan(self) -> DecodePlan:
+        if self._decode_plan is None:
+            nd, bs = self.num_decodes, self.block_size
+            lens = self.context_lens[:nd]
+            kv_len = max(lens)
+            nblk = -(-kv_len // bs)
+            mask = None
+            if min(lens) != kv_len:
+                device = self.block_tables.device
+                lens_t = torch.tensor(lens, device=device)
+                mask = (torch.arange(kv_len, device=device) < lens_t[:, None]).view(nd, 1, 1, kv_len)
+            self._decode_plan = DecodePlan(self.block_tables[:nd, :nblk], kv_len, mask)
+        return self._decode_plan
+
+    def prefill_plans(self) -> list[PrefillPlan]:
+        if self._prefill_plans is None:
+            plans, start = [], self.num_decodes
+            device = self.block_tables.device
+            for i in range(self.num_decodes, len(self.query_lens)):
+                n, ctx = self.query_lens[i], self.context_lens[i]
+                prior = ctx - n
+                if prior == 0:
+                    plans.append(PrefillPlan(start, n, None, ctx, None))
+                else:
+                    nblk = -(-ctx // self.block_size)
+                    rows = torch.arange(prior, ctx, device=device)[:, None]
+                    mask = torch.arange(ctx, device=device)[None, :] <= rows  # (n, ctx)
+                    plans.append(PrefillPlan(start, n, self.block_tables[i, :nblk], ctx, mask))
+                start += n
+            self._prefill_plans = plans
+        return self._prefill_plans
+
+
+def write_kv(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+    nkv, hd = k.shape[1], k.shape[2]
+    kv_cache[0].view(-1, nkv, hd).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, nkv, hd).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
+    """q (T, nh, hd), k/v (T, nkv, hd); returns (T, nh * hd). Writes k/v into the cache first."""
+    T, nh, hd = q.shape
+    nkv = k.shape[1]
+    write_kv(k, v, kv_cache, meta.slot_mapping)
+    outs = []
+    nd = meta.num_decodes
+    if nd:
+        plan = meta.decode_plan()
+        # Gather whole blocks, then view them as one run of positions per sequence.
+        kv = kv_cache[:, plan.block_ids].flatten(2, 3)[:, :, : plan.kv_len]  # (2, D, L, nkv, hd)
+        kv = kv.transpose(2, 3)  # (2, D, nkv, L, hd)
+        # One query per sequence: fold each KV head's query group into the query-length axis, so GQA
+        # needs no expansion of k/v and the (D, 1, 1, L) mask broadcasts over heads and group.
+        qd = q[:nd].view(nd, nkv, nh // nkv, hd)  # (D, nkv, group, hd)
+        o = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=plan.mask, scale=scale)
+        outs.append(o.reshape(nd, nh * hd))
+    for p in meta.prefill_plans():
+        qp = q[p.start : p.start + p.length].transpose(0, 1)  # (nh, n, hd)
+        if p.block_ids is None:  # the chunk is the whole context so far: attend to its own k/v
+            kp = k[p.start : p.start + p.length].transpose(0, 1)  # (nkv, n, hd)
+            vp = v[p.start : p.start + p.length].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            kv = kv_cache[:, p.block_ids].flatten(1, 2)[:, : p.context_len].transpose(1, 2)  # (2, nkv, ctx, hd)
+            o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=p.mask, scale=scale, enable_gqa=True)
+        outs.append(o.transpose(0, 1).reshape(p.length, nh * hd))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                      dtype: torch.dtype, device: torch.device | str) -> list[Tensor]:
+    """One zeroed (2, num_blocks, block_size, num_kv_heads, head_dim) tensor per local layer."""
+    return [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+            for _ in range(num_layers)]

@@ -1,0 +1,133 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, GQA, SwiGLU.
+
+One pipeline stage of it: the layers in `layer_range`, the embedding only on the first stage, the final
+norm and LM head only on the last. The KV cache, positions and attention metadata come in as arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model.attention import AttentionMetadata, paged_attention
+from model.config import ModelSpec, rope_frequencies
+from model.layers import (CheckpointRef, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
+                          RowParallelLinear, TPGroup, VocabParallelEmbedding, activation,
+                          kv_heads_per_partition)
+
+
+class RotaryEmbedding:
+    """cos/sin for the positions of a step, computed once per step and shared by all layers.
+
+    Rotation uses the half-split layout: rope(x) = x * cos + roll(x, hd/2) * sin_signed, where
+    sin_signed = [-sin, sin]; roll(x, hd/2) = [x2, x1], so this equals x * cos + [-x2, x1] * sin.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        inv_freq, self.attention_scaling = rope_frequencies(spec)  # CPU float32, even under a meta build
+        self.inv_freq = inv_freq
+
+    def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # (T, hd/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        cos = torch.cat((cos, cos), -1).to(dtype)[:, None, :]  # (T, 1, hd)
+        sin = torch.cat((-sin, sin), -1).to(dtype)[:, None, :]
+        return cos, sin
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:  # x (T, heads, hd)
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads,
+                                          spec.qkv_bias, tp, dtype)
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.o_bias, tp, dtype)
+        self.head_dim = spec.head_dim
+        self.num_heads = self.qkv_proj.num_heads_per_partition
+        self.num_kv_heads = self.qkv_proj.num_kv_heads_per_partition
+        self.scale = spec.head_dim ** -0.5
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, kv_cache: Tensor) -> Tensor:
+        T, nh, nkv, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # (T, (nh + 2 nkv) hd)
+        qk = apply_rope(qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)  # q and k rotated together
+        v = qkv[:, (nh + nkv) * hd :].view(T, nkv, hd)
+        o = paged_attention(qk[:, :nh], qk[:, nh:], v, kv_cache, meta, self.scale)  # (T, nh hd)
+        return self.o_proj(o)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, spec: ModelSpec, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        size = spec.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [size, size], spec.mlp_bias, tp, dtype)
+        self.down_proj = RowParallelLinear(size, spec.hidden_size, spec.mlp_bias, tp, dtype)
+        self.act = activation(spec.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each (T, intermediate / tp)
+        return self.down_proj(self.act(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, tp: TPGroup, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps, dtype)
+        self.self_attn = LlamaAttention(spec, tp, dtype)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps, dtype)
+        self.mlp = LlamaMLP(spec, tp, dtype)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, kv_cache: Tensor) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_range: tuple[int, int], is_first: bool, is_last: bool, tp: TPGroup,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.spec, self.layer_range, self.is_first, self.is_last = spec, layer_range, is_first, is_last
+        self.rotary = RotaryEmbedding(spec)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp, dtype) if is_first else None
+        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, tp, dtype) for _ in range(*layer_range))
+        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps, dtype) if is_last else None
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp, dtype) if is_last else None
+        if is_first and is_last and spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # one tensor; the loader fills it once
+        self.num_kv_heads_per_partition = kv_heads_per_partition(spec.num_kv_heads, tp.size)  # sizes the KV cache
+        self.head_dim = spec.head_dim
+
+    def forward(self, x: Tensor, positions: Tensor, meta: AttentionMetadata, kv_caches: list[Tensor]) -> Tensor:
+        h = self.embed_tokens(x) if self.is_first else x  # (T, hidden)
+        cos, sin = self.rotary(positions, h.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            h = layer(h, cos, sin, meta, kv_cache)
+        return self.norm(h) if self.is_last else h
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:  # (N, hidden) -> (N, vocab_size) float32
+        return self.lm_head(hidden)
+
+    def checkpoint_refs(self, name: str) -> list[CheckpointRef]:
+        """The checkpoint tensors (HF names) that fill parameter `name` of this stage."""
+        if name == "embed_tokens.weight":
+            return [CheckpointRef("model.embed_tokens.weight")]
+        if name == "norm.weight":
+            return [CheckpointRef("model.norm.weight")]
+        if name == "lm_head.weight":
+            key = "model.embed_tokens.weight" if self.spec.tie_word_embeddings else "lm_head.weight"
+            return [CheckpointRef(key)]
+        _, local, rest = name.split(".", 2)  # layers.{i}.{rest}
+        prefix = f"model.layers.{self.layer_range[0] + int(local)}."
+        module, _, kind = rest.rpartition(".")  # kind: weight or bias
+        if module == "self_attn.qkv_proj":
+            return [CheckpointRef(f"{prefix}self_attn.{s}_proj.{kind}", s) for s in ("q", "k", "v")]
+        if module == "mlp.gate_up_proj":
+            return [CheckpointRef(f"{prefix}mlp.{p}_proj.{kind}", i) for i, p in enumerate(("gate", "up"))]
+        return [CheckpointRef(prefix + rest)]
