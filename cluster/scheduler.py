@@ -1,0 +1,200 @@
+"""Continuous batching: which sequences run in the next step, and with how many tokens.
+
+Every step the scheduler builds one micro-batch from sequences that are not
+already inside the pipeline: running decodes first (one token each), then
+unfinished prefills, then new arrivals, chunked so that a step never computes
+more than ``max_num_batched_tokens``. When the KV cache is full, the most
+recently arrived running sequence is preempted: its blocks are freed and it
+goes back to the head of the queue to be recomputed later (prompt + what it
+has generated so far), so its output is unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from model.kv_cache import BlockAllocator, blocks_for
+from model.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    arrival: int
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    in_flight: bool = False  # part of a micro-batch still inside the pipeline
+    aborted: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        n_prompt = len(self.prompt_ids)
+        if end <= n_prompt:
+            return self.prompt_ids[start:end]
+        if start >= n_prompt:
+            return self.output_ids[start - n_prompt : end - n_prompt]
+        return self.prompt_ids[start:] + self.output_ids[: end - n_prompt]
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # first position computed this step
+    num_new: int  # tokens computed this step
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the sequence, so a new token is drawn."""
+        return self.start + self.num_new == self.seq.num_tokens
+
+
+@dataclass
+class Batch:
+    entries: list[ScheduledSeq]  # decodes (num_new == 1) first, then prefill chunks
+    num_decodes: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.num_new for e in self.entries)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        num_micro_batches: int = 1,
+    ):
+        self.allocator = allocator
+        self.block_size = allocator.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_micro_batches = num_micro_batches
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._arrivals = itertools.count()
+
+    # -- request lifecycle -------------------------------------------------
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, seed: int) -> Sequence:
+        seq = Sequence(request_id, list(prompt_ids), params, seed, next(self._arrivals))
+        self.waiting.append(seq)
+        return seq
+
+    def finish(self, seq: Sequence) -> None:
+        """Retire a sequence and free its blocks at once (finished, aborted or failed)."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(not s.in_flight for s in self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- scheduling ------------------------------------------------------------
+    def schedule(self) -> Batch | None:
+        """The next micro-batch, or None when nothing outside the pipeline can run."""
+        budget = self.max_num_batched_tokens
+        # With several micro-batches in the pipeline, share the sequences among them
+        # so that every stage has work.
+        max_seqs = self.max_num_seqs
+        if self.num_micro_batches > 1:
+            max_seqs = max(1, -(-self.num_unfinished // self.num_micro_batches))
+        decodes: list[ScheduledSeq] = []
+        prefills: list[ScheduledSeq] = []
+
+        scheduled: set[int] = set()
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if seq.in_flight or seq.status is not SeqStatus.RUNNING:
+                continue
+            if len(decodes) + len(prefills) >= max_seqs or budget == 0:
+                break
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._reserve(seq, n, scheduled):
+                break  # seq itself was preempted; no room for anything later either
+            entry = ScheduledSeq(seq, seq.num_computed, n)
+            (decodes if n == 1 and entry.samples else prefills).append(entry)
+            scheduled.add(id(seq))
+            budget -= n
+
+        while self.waiting and budget > 0 and len(decodes) + len(prefills) < max_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            need = blocks_for(seq.num_computed + n, self.block_size) - len(seq.block_ids)
+            if not self.allocator.can_allocate(need):
+                break  # admission never preempts a running sequence
+            seq.block_ids += self.allocator.allocate(need)
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            entry = ScheduledSeq(seq, seq.num_computed, n)
+            (decodes if n == 1 and entry.samples else prefills).append(entry)
+            budget -= n
+
+        entries = decodes + prefills
+        if not entries:
+            return None
+        for e in entries:
+            e.seq.in_flight = True
+        return Batch(entries, len(decodes))
+
+    def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
+        """Make room for n more tokens of a running seq, preempting later arrivals if needed."""
+        need = blocks_for(seq.num_computed + n, self.block_size) - len(seq.block_ids)
+        while not self.allocator.can_allocate(need):
+            victim = self._pick_victim(scheduled)
+            if victim is None or victim is seq:
+                if victim is seq:
+                    self._preempt(seq)
+                return False
+            self._preempt(victim)
+        if need > 0:
+            seq.block_ids += self.allocator.allocate(need)
+        return True
+
+    def _pick_victim(self, scheduled: set[int]) -> Sequence | None:
+        """The latest arrival that is neither in the pipeline nor already in this batch."""
+        candidates = [s for s in self.running if not s.in_flight and id(s) not in scheduled]
+        return max(candidates, key=lambda s: s.arrival) if candidates else None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        # Back to the queue ahead of every later arrival, so preempted work resumes first.
+        pos = next((i for i, w in enumerate(self.waiting) if w.arrival > seq.arrival), len(self.waiting))
+        self.waiting.insert(pos, seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_ids:
+            self.allocator.free(seq.block_ids)
+            seq.block_ids = []

@@ -1,0 +1,106 @@
+"""Continuous batching rules, without a model: chunking, ordering, preemption, and no leaked blocks."""
+
+from cluster.scheduler import Scheduler, SeqStatus
+from model.kv_cache import BlockAllocator
+from model.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
+
+
+def make(num_blocks=64, block_size=4, max_num_seqs=8, max_tokens=16, micro=1):
+    alloc = BlockAllocator(num_blocks, block_size)
+    return alloc, Scheduler(
+        alloc, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens, num_micro_batches=micro
+    )
+
+
+def complete(sched, batch, token=7):
+    """What the engine does when a step returns: advance, and append a token where one was sampled."""
+    for e in batch.entries:
+        e.seq.in_flight = False
+        e.seq.num_computed = e.start + e.num_new
+        if e.samples:
+            e.seq.output_ids.append(token)
+
+
+def test_long_prompt_is_chunked_and_new_requests_join_running_batch():
+    alloc, s = make(max_tokens=8)
+    a = s.add("a", list(range(20)), GREEDY, 0)
+    b1 = s.schedule()
+    assert [(e.seq.request_id, e.start, e.num_new, e.samples) for e in b1.entries] == [("a", 0, 8, False)]
+    complete(s, b1)
+    b = s.add("b", [1, 2, 3], GREEDY, 0)
+    b2 = s.schedule()
+    assert [(e.seq.request_id, e.num_new) for e in b2.entries] == [("a", 8)]  # budget used up by a
+    complete(s, b2)
+    b3 = s.schedule()
+    # a finishes its prompt (4 tokens) and b's prompt (3 tokens) joins the same step
+    assert [(e.seq.request_id, e.num_new, e.samples) for e in b3.entries] == [("a", 4, True), ("b", 3, True)]
+    complete(s, b3)
+    b4 = s.schedule()
+    assert b4.num_decodes == 2 and all(e.num_new == 1 for e in b4.entries)
+    assert a.status is b.status is SeqStatus.RUNNING
+
+
+def test_decodes_come_before_prefills():
+    _, s = make(max_tokens=64)
+    s.add("a", [1, 2], GREEDY, 0)
+    complete(s, s.schedule())
+    s.add("b", [1, 2, 3, 4, 5], GREEDY, 0)
+    batch = s.schedule()
+    assert batch.num_decodes == 1
+    assert [e.seq.request_id for e in batch.entries] == ["a", "b"]
+
+
+def test_in_flight_sequences_are_not_scheduled_twice_and_micro_batches_share_work():
+    _, s = make(max_tokens=64, micro=2)
+    for i in range(4):
+        s.add(str(i), [1, 2, 3], GREEDY, 0)
+    first = s.schedule()
+    second = s.schedule()
+    ids1 = {e.seq.request_id for e in first.entries}
+    ids2 = {e.seq.request_id for e in second.entries}
+    assert len(ids1) == 2 and len(ids2) == 2 and not ids1 & ids2
+    assert s.schedule() is None  # everything is inside the pipeline
+
+
+def test_preemption_frees_blocks_and_recomputes_later_arrival():
+    # 6 blocks of 4 tokens: two sequences of 8 prompt tokens each hold 2 blocks, then they grow.
+    alloc, s = make(num_blocks=5, block_size=4, max_tokens=64)
+    a = s.add("a", list(range(8)), SamplingParams(max_tokens=16, temperature=0.0), 0)
+    b = s.add("b", list(range(8)), SamplingParams(max_tokens=16, temperature=0.0), 0)
+    complete(s, s.schedule())  # both prefilled: 4 blocks used, 1 free
+    assert alloc.num_free == 1
+    complete(s, s.schedule())  # token 9 of each: a takes the last block, b preempted
+    assert b.status is SeqStatus.WAITING and b.num_computed == 0 and b.block_ids == []
+    assert s.num_preemptions == 1
+    assert b.output_ids == [7]  # what b generated before is kept and recomputed
+    batch = s.schedule()
+    assert [e.seq.request_id for e in batch.entries] == ["a"]
+
+
+def test_finish_and_abort_free_every_block():
+    alloc, s = make(max_tokens=64)
+    seqs = [s.add(str(i), list(range(10 + i)), GREEDY, 0) for i in range(5)]
+    batch = s.schedule()
+    complete(s, batch)
+    s.finish(seqs[0])
+    s.finish(seqs[4])
+    s.schedule()  # remaining are now in flight
+    for seq in seqs[1:4]:
+        s.finish(seq)  # aborted while in flight
+    s.finish(seqs[1])  # finishing twice is harmless
+    assert alloc.num_free == alloc.num_blocks
+    assert s.num_unfinished == 0 and not s.has_work()
+
+
+def test_admission_waits_when_cache_is_full():
+    alloc, s = make(num_blocks=2, block_size=4, max_tokens=64)
+    a = s.add("a", list(range(8)), GREEDY, 0)
+    b = s.add("b", list(range(4)), GREEDY, 0)
+    batch = s.schedule()
+    assert [e.seq.request_id for e in batch.entries] == ["a"]
+    assert b.status is SeqStatus.WAITING
+    complete(s, batch)
+    s.finish(a)
+    assert [e.seq.request_id for e in s.schedule().entries] == ["b"]
