@@ -1,0 +1,146 @@
+"""A gang: the tp x pp Ray actors that together hold one copy of the model.
+
+One placement-group bundle per worker. Inside a Serve replica the gang uses the
+replica's own placement group (bundle 0 is the replica itself, so workers start
+at ``bundle_offset=1``); elsewhere (the offline CLI, tests) it makes its own.
+Ranks in a TP group that share a host talk through shared memory, everything
+else through torch.distributed (gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.comm import ShmGroup
+from cluster.parallel import ParallelConfig
+from cluster.worker import StepInput, Worker, WorkerConfig
+from model.loader import LoadReport
+from model.sampling import SampleOutput
+
+log = logging.getLogger(__name__)
+
+
+class GangError(RuntimeError):
+    """The gang cannot serve: a worker died, hung, or failed a step."""
+
+
+def worker_bundles(parallel: ParallelConfig, device: str, cpus_per_worker: float) -> list[dict[str, float]]:
+    """One bundle per worker, in rank order."""
+    bundle = {"GPU": 1.0} if device == "cuda" else {"CPU": float(cpus_per_worker)}
+    return [dict(bundle) for _ in range(parallel.world_size)]
+
+
+def placement_strategy(parallel: ParallelConfig) -> str:
+    # A TP group must share a host; pipeline stages may spread over hosts.
+    return "STRICT_PACK" if parallel.pp == 1 else "PACK"
+
+
+class Gang:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        cpus_per_worker: float = 1.0,
+        pg: PlacementGroup | None = None,
+        bundle_offset: int = 0,
+        ready_timeout_s: float = 120.0,
+    ):
+        self.config = config
+        self.parallel = config.parallel
+        world = self.parallel.world_size
+        self._own_pg = pg is None
+        if pg is None:
+            bundles = worker_bundles(self.parallel, config.device, cpus_per_worker)
+            pg = placement_group(bundles, strategy=placement_strategy(self.parallel))
+            ready, _ = ray.wait([pg.ready()], timeout=ready_timeout_s)
+            if not ready:
+                remove_placement_group(pg)
+                raise GangError(
+                    f"could not reserve {world} worker bundles of {bundles[0]} "
+                    f"(tp={self.parallel.tp} x pp={self.parallel.pp}) within {ready_timeout_s:.0f}s; "
+                    f"cluster resources: {ray.cluster_resources()}"
+                )
+        self.pg = pg
+        actor_cls = ray.remote(Worker)
+        resources = {"num_gpus": 1} if config.device == "cuda" else {"num_cpus": cpus_per_worker}
+        self.workers = [
+            actor_cls.options(
+                **resources,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=bundle_offset + rank
+                ),
+                name=None,
+            ).remote(rank, config)
+            for rank in range(world)
+        ]
+        try:
+            self._wire(ready_timeout_s)
+            self.load_reports: list[LoadReport] = ray.get([w.load.remote() for w in self.workers])
+        except Exception:
+            self.shutdown()
+            raise
+        self._sampler = self.workers[self.parallel.rank(self.parallel.pp - 1, 0)]
+        self.broken: BaseException | None = None
+
+    def _wire(self, timeout_s: float) -> None:
+        nodes = ray.get([w.node_address.remote() for w in self.workers], timeout=timeout_s)
+        ip, port = "", 0
+        if self.parallel.world_size > 1:
+            ip, port = ray.get(self.workers[0].start_store.remote())
+        tp = self.parallel.tp
+        shm_names: list[str | None] = [None] * self.parallel.pp
+        if tp > 1 and self.config.device == "cpu" and ShmGroup.supported():
+            for stage in range(self.parallel.pp):
+                ranks = range(stage * tp, (stage + 1) * tp)
+                if len({nodes[r][0] for r in ranks}) == 1:
+                    shm_names[stage] = ray.get(self.workers[ranks[0]].create_shm_segment.remote())
+        ray.get(
+            [
+                w.init_distributed.remote(ip, port, shm_names[self.parallel.coords(rank)[0]])
+                for rank, w in enumerate(self.workers)
+            ]
+        )
+        ray.get([w.release_shm_segment.remote() for w in self.workers])
+
+    def init_cache(self, num_blocks: int, block_size: int) -> None:
+        ray.get([w.init_cache.remote(num_blocks, block_size) for w in self.workers])
+
+    async def execute(self, step: StepInput) -> SampleOutput:
+        """Run one step on every worker; only the last stage's tp_rank 0 returns anything."""
+        if self.broken is not None:
+            raise GangError(f"gang is broken: {self.broken}")
+        ref = ray.put(step)
+        refs = [w.execute.remote(ref) for w in self.workers]
+        try:
+            results = await asyncio.gather(*refs)
+        except Exception as e:  # a dead actor, or an error inside a step
+            self.broken = e
+            raise GangError(f"a worker failed during a step: {e}") from e
+        return results[self.parallel.rank(self.parallel.pp - 1, 0)]
+
+    async def check_health(self, timeout_s: float = 30.0) -> None:
+        if self.broken is not None:
+            raise GangError(f"gang is broken: {self.broken}")
+        try:
+            await asyncio.wait_for(asyncio.gather(*[w.ping.remote() for w in self.workers]), timeout_s)
+        except Exception as e:
+            self.broken = e
+            raise GangError(f"a worker did not answer a health check: {e!r}") from e
+
+    def shutdown(self) -> None:
+        if getattr(self, "broken", None) is None:  # a broken gang may hang in a collective: just kill it
+            try:
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=10)
+            except Exception as e:  # dead or hung workers are killed below anyway
+                log.debug("worker shutdown failed: %s", e)
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+        if self._own_pg and self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None

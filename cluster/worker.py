@@ -1,0 +1,193 @@
+"""One worker of a gang: holds the (stage, tp_rank) shard of the model and its KV cache.
+
+The engine sends every worker the same ``StepInput`` once per step. The first
+stage embeds the token ids, later stages receive hidden states straight from
+the previous stage's worker with the same tp_rank, and the last stage's
+tp_rank 0 samples and returns only the sampled tokens.
+
+This class is plain Python so that it runs in-process too; ``cluster/gang.py``
+wraps it as a Ray actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from cluster.comm import GlooGroup, ShmGroup
+from cluster.parallel import ParallelConfig
+from model.attention import AttentionMetadata, allocate_kv_cache
+from model.config import ModelSpec
+from model.layers import SingleGroup
+from model.loader import LoadReport, ShardInfo, load_model
+from model.sampling import SampleOutput, SamplingParams, sample
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StepInput:
+    """Everything a worker needs for one step; built once by the engine, sent to all workers."""
+
+    token_ids: torch.Tensor  # (T,) int64, sequences flattened, decodes first
+    positions: torch.Tensor  # (T,) int64
+    slot_mapping: torch.Tensor  # (T,) int64
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: torch.Tensor  # (B, max_blocks) int64
+    num_decodes: int
+    sample_rows: torch.Tensor  # (N,) int64: rows of T whose logits are sampled
+    sampling: list[SamplingParams]  # per sampled row
+    seeds: list[int]
+    steps: list[int]  # tokens generated so far by each sampled row's request
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_dir: str
+    spec: ModelSpec
+    parallel: ParallelConfig
+    dtype: str = "float32"
+    device: str = "cpu"
+    num_threads: int = 1
+    dist_timeout_s: float = 60.0
+    shm_max_elems: int = 1 << 20  # largest tensor a shared-memory collective carries
+
+
+class Worker:
+    def __init__(self, rank: int, config: WorkerConfig):
+        self.rank = rank
+        self.config = config
+        self.parallel = config.parallel
+        self.stage, self.tp_rank = self.parallel.coords(rank)
+        self.is_first = self.stage == 0
+        self.is_last = self.stage == self.parallel.pp - 1
+        self.dtype = DTYPES[config.dtype]
+        self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        elif self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.tp_group = SingleGroup()
+        self.model = None
+        self.kv_caches: list[torch.Tensor] = []
+        self._block_size = 0
+        self._pending_send = None
+        self._store = None
+        self._own_segment: str | None = None
+
+    # -- set-up -----------------------------------------------------------------
+    def node_address(self) -> tuple[str, str]:
+        """(node id, ip) of the host this worker runs on, so the gang can tell which ranks share a host."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return ctx.get_node_id(), ray.util.get_node_ip_address()
+
+    def start_store(self) -> tuple[str, int]:
+        """Rank 0 hosts the rendezvous store; the OS picks the port, so nothing races for one."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        self._store = dist.TCPStore(
+            ip,
+            0,
+            self.parallel.world_size,
+            True,
+            timedelta(seconds=self.config.dist_timeout_s),
+            wait_for_workers=False,  # the others join in init_distributed
+        )
+        return ip, self._store.port
+
+    def create_shm_segment(self) -> str:
+        """A TP group leader makes the shared-memory segment its group talks through."""
+        self._own_segment = ShmGroup.create_segment(self.parallel.tp, self.config.shm_max_elems)
+        return self._own_segment
+
+    def init_distributed(self, store_ip: str, store_port: int, shm_name: str | None) -> None:
+        world = self.parallel.world_size
+        timeout = timedelta(seconds=self.config.dist_timeout_s)
+        if world > 1:
+            if self._store is None:
+                self._store = dist.TCPStore(store_ip, store_port, world, False, timeout)
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=self._store, rank=self.rank, world_size=world, timeout=timeout)
+        tp = self.parallel.tp
+        if tp > 1:
+            # Every rank must create every group, in the same order.
+            groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(self.parallel.pp)]
+            if shm_name is not None:
+                self.tp_group = ShmGroup(
+                    shm_name, self.tp_rank, tp, self.config.shm_max_elems, timeout_s=self.config.dist_timeout_s
+                )
+            else:
+                self.tp_group = GlooGroup(groups[self.stage], self.tp_rank, tp)
+
+    def release_shm_segment(self) -> None:
+        """Unlink the segment once every rank has it mapped: the mappings live on, and no crash can leak the file."""
+        if self._own_segment is not None:
+            ShmGroup.unlink_segment(self._own_segment)
+            self._own_segment = None
+
+    def load(self) -> LoadReport:
+        spec = self.config.spec
+        layer_range = self.parallel.layer_ranges(spec.num_layers)[self.stage]
+        shard = ShardInfo(self.stage, self.parallel.pp, layer_range, self.tp_rank, self.parallel.tp)
+        self.model, report = load_model(
+            self.config.model_dir, spec, shard, self.tp_group, self.dtype, self.device
+        )
+        self.layer_range = layer_range
+        return report
+
+    def init_cache(self, num_blocks: int, block_size: int) -> None:
+        spec = self.config.spec
+        num_layers = self.layer_range[1] - self.layer_range[0]
+        kv_heads = max(1, spec.num_kv_heads // self.parallel.tp)  # split, or one replicated head
+        self.kv_caches = allocate_kv_cache(
+            num_layers, num_blocks, block_size, kv_heads, spec.head_dim, self.dtype, self.device
+        )
+        self._block_size = block_size
+
+    # -- the step ---------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> SampleOutput | None:
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=step.slot_mapping.to(dev),
+            query_lens=step.query_lens,
+            context_lens=step.context_lens,
+            block_tables=step.block_tables.to(dev),
+            num_decodes=step.num_decodes,
+            block_size=self._block_size,
+        )
+        positions = step.positions.to(dev)
+        num_tokens = step.token_ids.shape[0]
+        if self.is_first:
+            x = step.token_ids.to(dev)
+        else:
+            x = torch.empty(num_tokens, self.config.spec.hidden_size, dtype=self.dtype, device=dev)
+            dist.recv(x, src=self.rank - self.parallel.tp)
+        hidden = self.model(x, positions, meta, self.kv_caches)
+        if not self.is_last:
+            if self._pending_send is not None:
+                self._pending_send.wait()  # the previous step's tensor may be freed only once sent
+            self._pending_send = dist.isend(hidden.contiguous(), dst=self.rank + self.parallel.tp)
+            return None
+        logits = self.model.compute_logits(hidden[step.sample_rows.to(dev)])
+        if self.tp_rank != 0:
+            return None
+        return sample(logits.float(), step.sampling, step.seeds, step.steps)
+
+    # -- health and teardown ------------------------------------------------------
+    def ping(self) -> int:
+        return self.rank
+
+    def shutdown(self) -> None:
+        if isinstance(self.tp_group, ShmGroup):
+            self.tp_group.close()
+        self.release_shm_segment()
+        if dist.is_initialized():
+            dist.destroy_process_group()

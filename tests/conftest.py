@@ -1,0 +1,46 @@
+"""Shared fixtures: one local Ray cluster per session, tiny random models, the real default model."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tests.tiny_models import make_tiny_gpt2, make_tiny_llama
+from tests.tiny_tokenizer import save_tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # Logical CPUs beyond the 2 physical cores: gangs in tests ask for fractional CPUs per worker.
+    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+def _with_tokenizer(model_dir):
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    save_tiny_tokenizer(model_dir, min(vocab, 320))
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return _with_tokenizer(make_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    return _with_tokenizer(make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2")))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The bundled SmolLM2-135M-Instruct, converted once into the safetensors cache."""
+    from model.sources import resolve_model
+
+    return resolve_model(None)
