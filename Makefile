@@ -25,8 +25,9 @@ $(STAMP): pyproject.toml
 test: venv
 	$(PY) -m pytest $(ARGS)
 
+# Until the HTTP server lands, `make serve` runs the offline demo through a gang on local Ray.
 serve: venv
-	$(VENV)/bin/shardserve serve $(ARGS)
+	$(VENV)/bin/shardserve generate $(ARGS)
 
 generate: venv
 	$(VENV)/bin/shardserve generate $(ARGS)

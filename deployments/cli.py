@@ -1,0 +1,144 @@
+"""The ``shardserve`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from model.sampling import SamplingParams
+
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about distributed systems.",
+    "Explain tensor parallelism in one sentence.",
+]
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF directory, .gguf file, or omit for the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+
+
+def _engine_config(args: argparse.Namespace):
+    from cluster.engine import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+    )
+
+
+def _start_ray(address: str | None) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[dict]:
+    if args.prompt is not None:
+        return [{"prompt": args.prompt}]
+    if args.prompts_file is None:
+        return [{"prompt": p} for p in DEMO_PROMPTS]
+    prompts = []
+    for n, line in enumerate(Path(args.prompts_file).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if isinstance(item, str):
+            item = {"prompt": item}
+        if not isinstance(item, dict) or ("prompt" in item) == ("messages" in item):
+            raise SystemExit(f"{args.prompts_file}:{n}: expected a string or an object with 'prompt' or 'messages'")
+        prompts.append(item)
+    return prompts
+
+
+async def _generate_all(engine, prompts: list[dict], args: argparse.Namespace) -> list[dict]:
+    from model.tokenizer import encode_prompt
+
+    async def one(item: dict) -> dict:
+        source = item.get("messages", item.get("prompt"))
+        ids = encode_prompt(engine.tokenizer, source, raw=args.raw)
+        params = SamplingParams(
+            max_tokens=item.get("max_tokens", args.max_tokens),
+            temperature=item.get("temperature", args.temperature),
+            top_p=item.get("top_p", args.top_p),
+            top_k=item.get("top_k", args.top_k),
+            seed=item.get("seed", args.seed),
+        )
+        text, token_ids, reason = "", [], None
+        async for out in engine.generate(ids, params):
+            text += out.text
+            token_ids += out.token_ids
+            reason = out.finish_reason
+        return {"prompt": source, "text": text, "token_ids": token_ids, "finish_reason": reason}
+
+    return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from cluster.engine import LLMEngine
+
+    prompts = _read_prompts(args)
+    config = _engine_config(args)
+    _start_ray(args.address)
+    engine = LLMEngine(config)
+
+    async def run() -> list[dict]:
+        try:
+            return await _generate_all(engine, prompts, args)
+        finally:
+            await engine.shutdown()
+
+    for result in asyncio.run(run()):
+        print(json.dumps(result, ensure_ascii=False), flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardserve", description="Sharded LLM serving on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline through a tp x pp gang on Ray")
+    _add_engine_args(gen)
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="one prompt (sent as a chat turn unless --raw)")
+    src.add_argument("--prompts-file", default=None, help="JSONL: strings or objects with 'prompt' or 'messages'")
+    gen.add_argument("--raw", action="store_true", help="send prompts as plain text, not as chat turns")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="shardserve: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad flags or layouts: say what is wrong, no traceback
+        print(f"shardserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
