@@ -26,6 +26,7 @@ from cluster.scheduler import Batch, Scheduler, Sequence
 from cluster.worker import DTYPES, StepInput, WorkerConfig
 from model.config import ModelSpec
 from model.kv_cache import BlockAllocator
+from model.layers import kv_heads_per_partition
 from model.sampling import SampleOutput, SamplingParams
 from model.sources import resolve_model
 from model.tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -97,16 +98,13 @@ class _Request:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
-def kv_heads_per_worker(spec: ModelSpec, tp: int) -> int:
-    return max(1, spec.num_kv_heads // tp)  # split, or one replicated head per rank
-
-
 def num_kv_blocks_for(config: EngineConfig, spec: ModelSpec) -> int:
     """Blocks that fit kv_cache_memory_gib on the worker holding the most layers."""
     parallel = config.parallel
     layers = max(end - start for start, end in parallel.layer_ranges(spec.num_layers))
     elem = torch.tensor([], dtype=DTYPES[config.dtype]).element_size()
-    per_block = 2 * layers * config.block_size * kv_heads_per_worker(spec, parallel.tp) * spec.head_dim * elem
+    kv_heads = kv_heads_per_partition(spec.num_kv_heads, parallel.tp)
+    per_block = 2 * layers * config.block_size * kv_heads * spec.head_dim * elem
     return int(config.kv_cache_memory_gib * (1 << 30) // per_block)
 
 

@@ -145,9 +145,14 @@ class Worker:
     def init_cache(self, num_blocks: int, block_size: int) -> None:
         spec = self.config.spec
         num_layers = self.layer_range[1] - self.layer_range[0]
-        kv_heads = max(1, spec.num_kv_heads // self.parallel.tp)  # split, or one replicated head
         self.kv_caches = allocate_kv_cache(
-            num_layers, num_blocks, block_size, kv_heads, spec.head_dim, self.dtype, self.device
+            num_layers,
+            num_blocks,
+            block_size,
+            self.model.num_kv_heads_per_partition,
+            spec.head_dim,
+            self.dtype,
+            self.device,
         )
         self._block_size = block_size
 
