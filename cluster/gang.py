@@ -74,7 +74,6 @@ class Gang:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=bundle_offset + rank
                 ),
-                name=None,
             ).remote(rank, config)
             for rank in range(world)
         ]

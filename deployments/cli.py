@@ -19,27 +19,28 @@ DEMO_PROMPTS = [
 ]
 
 
+# Flags that override the same-named AppConfig field when given.
+ENGINE_FLAGS = ("model", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "device", "max_model_len")
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="AppConfig YAML (a Serve config file or a bare mapping)")
     p.add_argument("--model", default=None, help="HF directory, .gguf file, or omit for the bundled SmolLM2-135M-Instruct")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
 
 
-def _engine_config(args: argparse.Namespace):
-    from cluster.engine import EngineConfig
+def _app_config(args: argparse.Namespace):
+    """The config file (or defaults) with the flags given on the command line laid over it."""
+    from deployments.config import AppConfig, load_app_config, parse_app_config
 
-    return EngineConfig(
-        model=args.model,
-        tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-    )
+    base = load_app_config(args.config) if args.config else AppConfig()
+    overrides = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
+    return parse_app_config({**base.model_dump(), **overrides}, "command line")
 
 
 def _start_ray(address: str | None) -> None:
@@ -96,7 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from cluster.engine import LLMEngine
 
     prompts = _read_prompts(args)
-    config = _engine_config(args)
+    config = _app_config(args).engine_config()
     _start_ray(args.address)
     engine = LLMEngine(config)
 

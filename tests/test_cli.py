@@ -40,3 +40,17 @@ def test_bad_layout_is_refused_with_the_numbers(tiny_llama_dir):
     assert proc.returncode == 2
     assert "3" in proc.stderr and "4" in proc.stderr  # tp=3 against 4 attention heads
     assert "Traceback" not in proc.stderr
+
+
+def test_config_file_errors_name_the_field_and_flags_override_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - import_path: deployments.app:build_app\n    args: {pipeline_parallel_size: -1}\n")
+    proc = shardserve("generate", "--config", str(bad), "--prompt", "hi")
+    assert proc.returncode == 2
+    assert "applications[0].args: pipeline_parallel_size" in proc.stderr
+
+    good = tmp_path / "good.yaml"
+    good.write_text("pipeline_parallel_size: 2\n")
+    proc = shardserve("generate", "--config", str(good), "-pp", "0", "--prompt", "hi")
+    assert proc.returncode == 2
+    assert "command line: pipeline_parallel_size" in proc.stderr  # the flag replaced the file's 2
