@@ -25,9 +25,8 @@ $(STAMP): pyproject.toml
 test: venv
 	$(PY) -m pytest $(ARGS)
 
-# Until the HTTP server lands, `make serve` runs the offline demo through a gang on local Ray.
 serve: venv
-	$(VENV)/bin/shardserve generate $(ARGS)
+	$(VENV)/bin/shardserve serve $(ARGS)
 
 generate: venv
 	$(VENV)/bin/shardserve generate $(ARGS)

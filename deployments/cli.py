@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from model.sampling import SamplingParams
@@ -21,6 +22,7 @@ DEMO_PROMPTS = [
 
 # Flags that override the same-named AppConfig field when given.
 ENGINE_FLAGS = ("model", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "device", "max_model_len")
+SERVE_FLAGS = ("served_model_name", "num_replicas", "host", "port", "api_key")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -39,17 +41,19 @@ def _app_config(args: argparse.Namespace):
     from deployments.config import AppConfig, load_app_config, parse_app_config
 
     base = load_app_config(args.config) if args.config else AppConfig()
-    overrides = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
+    flags = [name for name in ENGINE_FLAGS + SERVE_FLAGS if getattr(args, name, None) is not None]
+    overrides = {name: getattr(args, name) for name in flags}
+    if "num_replicas" in overrides:
+        overrides["autoscaling"] = None  # a fixed count on the command line replaces the file's autoscaling
     return parse_app_config({**base.model_dump(), **overrides}, "command line")
 
 
-def _start_ray(address: str | None) -> None:
+def _start_ray(address: str | None, dashboard: bool = False):
     import ray
 
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+        return ray.init(address=address, logging_level=logging.WARNING)
+    return ray.init(num_cpus=os.cpu_count(), include_dashboard=dashboard, logging_level=logging.WARNING)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[dict]:
@@ -112,6 +116,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from deployments.app import build_app, served_name
+
+    config = _app_config(args)
+    ctx = _start_ray(args.address, dashboard=True)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name="shardserve", route_prefix="/")
+    url = f"http://{config.host}:{config.port}"
+    auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
+    print(f"shardserve is up at {url}/v1 serving model {served_name(config)!r}", flush=True)
+    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+          f"-d '{{\"model\": \"{served_name(config)}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")  # fmt: skip
+    if ctx.dashboard_url:
+        print(f"  Ray dashboard: http://{ctx.dashboard_url}  (Serve tab: replicas and requests)")
+    print("Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardserve", description="Sharded LLM serving on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API on Ray Serve")
+    _add_engine_args(srv)
+    srv.add_argument("--served-model-name", default=None)
+    srv.add_argument("--num-replicas", type=int, default=None)
+    srv.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

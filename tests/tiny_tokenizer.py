@@ -20,6 +20,11 @@ CORPUS = [
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Emoji and accents: café, naïve, 東京, 🙂.",
 ]
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
 
 def save_tiny_tokenizer(model_dir: str | Path, vocab_size: int) -> Path:
     tok = Tokenizer(models.BPE())
@@ -34,5 +39,6 @@ def save_tiny_tokenizer(model_dir: str | Path, vocab_size: int) -> Path:
     tok.train_from_iterator(CORPUS * 4, trainer)
     assert tok.get_vocab_size() <= vocab_size, (tok.get_vocab_size(), vocab_size)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(model_dir))
     return Path(model_dir)

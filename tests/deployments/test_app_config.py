@@ -66,3 +66,11 @@ def test_bare_mapping_and_frozen(tmp_path):
     assert config.pipeline_parallel_size == 2 and config.num_replicas == 1
     with pytest.raises(Exception):
         config.port = 1
+
+
+def test_committed_local_yaml_is_a_valid_serve_config_and_app_config():
+    path = "deployments/configs/local.yaml"
+    with open(path) as f:
+        ServeDeploySchema.model_validate(yaml.safe_load(f))
+    config = load_app_config(path)
+    assert config.model is None and config.num_replicas == 1

@@ -1,0 +1,27 @@
+"""build_app(config) -> Application: the one builder used by `serve run`, `shardserve serve` and the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray.serve import Application
+
+from deployments.config import AppConfig, parse_app_config
+from deployments.llm_server import llm_server_deployment
+from deployments.router import Router
+from model.sources import DEFAULT_MODEL
+
+
+def served_name(config: AppConfig) -> str:
+    if config.served_model_name:
+        return config.served_model_name
+    if config.model is None:
+        return DEFAULT_MODEL
+    path = Path(config.model)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def build_app(args: AppConfig | dict) -> Application:
+    config = args if isinstance(args, AppConfig) else parse_app_config(args or {}, "application args")
+    server = llm_server_deployment(config).bind(config)
+    return Router.bind(server, config, served_name(config))

@@ -1,0 +1,126 @@
+"""The served app end to end: real Ray, real serve.run, real HTTP on loopback, the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from deployments.app import build_app
+from model.tokenizer import encode_prompt, load_tokenizer
+from tests.reference import hf_greedy
+
+API_KEY = "test-key"
+PROMPT = "The quick brown fox"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_cluster, tiny_llama_dir):
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "model": str(tiny_llama_dir),
+        "served_model_name": "tiny",
+        "num_replicas": 2,
+        "cpus_per_worker": 0.25,
+        "num_kv_blocks": 256,
+        "api_key": API_KEY,
+    }
+    serve.run(build_app(args), name="shardserve", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference_text(tiny_llama_dir):
+    tok = load_tokenizer(tiny_llama_dir)
+    ref = hf_greedy(tiny_llama_dir, [encode_prompt(tok, PROMPT, raw=True)], 8)[0]
+    return tok.decode(ref.token_ids, skip_special_tokens=True)
+
+
+GREEDY = {"temperature": 0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}
+
+
+def test_models_lists_the_served_name(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_completion_greedy_equals_transformers_streamed_or_not(client, reference_text):
+    full = client.completions.create(model="tiny", prompt=PROMPT, **GREEDY)
+    assert full.choices[0].text == reference_text
+    assert full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 8
+    stream = client.completions.create(model="tiny", prompt=PROMPT, stream=True, **GREEDY)
+    assert "".join(c.choices[0].text for c in stream) == reference_text
+
+
+def test_chat_streaming_equals_non_streaming_and_reports_usage(client):
+    messages = [{"role": "user", "content": "Paris is the capital of"}]
+    full = client.chat.completions.create(model="tiny", messages=messages, **GREEDY)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=messages, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 8 == full.usage.completion_tokens
+
+
+def test_concurrent_streams_equal_their_sequential_results_and_use_both_replicas(base_url, client):
+    prompts = [f"{PROMPT} {i}" * (1 + i % 3) for i in range(16)]
+    sequential = [client.completions.create(model="tiny", prompt=p, **GREEDY).choices[0].text for p in prompts]
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+        async def one(p):
+            raw = await aclient.completions.with_raw_response.create(model="tiny", prompt=p, stream=True, **GREEDY)
+            text = "".join([c.choices[0].text async for c in raw.parse() if c.choices])
+            return text, raw.headers["x-shardserve-replica"]
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    results = asyncio.run(main())
+    assert [t for t, _ in results] == sequential
+    assert len({replica for _, replica in results}) == 2
+
+
+@pytest.mark.parametrize(
+    "path,body,status,param",
+    [
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 100000}, 400, None),
+        ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+        ("/v1/completions", {"model": "tiny"}, 400, "prompt"),
+    ],
+)
+def test_errors_have_openai_bodies_and_the_server_keeps_serving(base_url, client, path, body, status, param):
+    r = httpx.post(base_url + path, json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and err["param"] == param
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].finish_reason
+
+
+def test_missing_or_wrong_api_key_is_401(base_url):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["type"] == "authentication_error"
