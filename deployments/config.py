@@ -55,13 +55,12 @@ class AppConfig(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks per worker; null = from kv_cache_memory_gib.")
     kv_cache_memory_gib: float = Field(1.0, gt=0, description="KV cache memory per worker when num_kv_blocks is null.")
     cpus_per_worker: float | None = Field(
-        None, gt=0, description="CPUs reserved per worker on cpu; null = the host's cores shared by the gang."
+        None, gt=0, description="CPUs reserved per worker on cpu; null = 1 when serving, the host's cores shared offline."
     )
     num_replicas: int | None = Field(1, ge=1, description="Fixed replica count; set to null when autoscaling is used.")
     autoscaling: AutoscalingConfig | None = Field(None, description="Scale replicas on load instead of a fixed count.")
     host: str = Field("127.0.0.1", description="HTTP listen address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible endpoint.")
-    grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC port.")
     api_key: str | None = Field(None, description="When set, requests must send `Authorization: Bearer <key>`.")
 
     @model_validator(mode="after")
@@ -114,3 +113,13 @@ def load_app_config(path: str | Path) -> AppConfig:
             raise ConfigError(f"{path}: applications must be a non-empty list")
         return parse_app_config(apps[0].get("args") or {}, f"{path}: applications[0].args")
     return parse_app_config(data, str(path))
+
+
+def config_reference() -> str:
+    """The README's config table, built from the field descriptions so the two cannot drift."""
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    for prefix, model in (("", AppConfig), ("autoscaling.", AutoscalingConfig)):
+        for name, f in model.model_fields.items():
+            default = "null" if f.default is None else f"`{f.default}`"
+            rows.append(f"| `{prefix}{name}` | {default} | {f.description} |")
+    return "\n".join(rows)

@@ -74,3 +74,10 @@ def test_committed_local_yaml_is_a_valid_serve_config_and_app_config():
         ServeDeploySchema.model_validate(yaml.safe_load(f))
     config = load_app_config(path)
     assert config.model is None and config.num_replicas == 1
+
+
+def test_readme_config_reference_is_in_sync():
+    from deployments.config import config_reference
+
+    with open("README.md") as f:
+        assert config_reference() in f.read()
