@@ -157,17 +157,25 @@ class Router:
             )
         return None
 
-    async def _body(self, request: Request) -> dict | JSONResponse:
+    async def _parse(self, request: Request, model_cls):
+        """The validated request body, or the error response that refuses it."""
         try:
             body = await request.json()
         except json.JSONDecodeError as e:
             return error_response(400, f"request body is not valid JSON: {e}", type_="invalid_request_error")
         if not isinstance(body, dict):
             return error_response(400, "request body must be a JSON object", type_="invalid_request_error")
-        return body
+        if (refusal := self._refuse(request, body)) is not None:
+            return refusal
+        try:
+            return model_cls.model_validate(body)
+        except ValidationError as e:
+            return _invalid(e)
 
-    async def _run(self, payload: dict, shape, stream: bool, include_usage: bool):
+    async def _run(self, payload: dict, shape, req):
         """Start the request on a replica; a refusal comes back as the first item, before any byte is sent."""
+        stream = req.stream
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         gen = self.server.options(stream=True).generate.remote(payload)
         try:
             first = await gen.__anext__()
@@ -209,34 +217,20 @@ class Router:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        body = await self._body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        if (refusal := self._refuse(request, body)) is not None:
-            return refusal
-        try:
-            req = ChatCompletionRequest.model_validate(body)
-        except ValidationError as e:
-            return _invalid(e)
+        req = await self._parse(request, ChatCompletionRequest)
+        if isinstance(req, JSONResponse):
+            return req
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         payload = {
             "prompt": [m.model_dump() for m in req.messages],
             "sampling": _sampling(req, req.max_completion_tokens or req.max_tokens, logprobs),
         }
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self._run(payload, ChatShape, req.stream, include_usage)
+        return await self._run(payload, ChatShape, req)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        body = await self._body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        if (refusal := self._refuse(request, body)) is not None:
-            return refusal
-        try:
-            req = CompletionRequest.model_validate(body)
-        except ValidationError as e:
-            return _invalid(e)
+        req = await self._parse(request, CompletionRequest)
+        if isinstance(req, JSONResponse):
+            return req
         payload = {"prompt": req.prompt, "raw": True, "sampling": _sampling(req, req.max_tokens, req.logprobs)}
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self._run(payload, CompletionShape, req.stream, include_usage)
+        return await self._run(payload, CompletionShape, req)
