@@ -20,7 +20,7 @@ from typing import AsyncIterator
 
 import torch
 
-from cluster.gang import Gang, GangError
+from cluster.gang import Gang
 from cluster.parallel import ParallelConfig
 from cluster.scheduler import Batch, Scheduler, Sequence
 from cluster.worker import DTYPES, StepInput, WorkerConfig

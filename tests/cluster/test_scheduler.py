@@ -65,13 +65,14 @@ def test_in_flight_sequences_are_not_scheduled_twice_and_micro_batches_share_wor
 
 
 def test_preemption_frees_blocks_and_recomputes_later_arrival():
-    # 6 blocks of 4 tokens: two sequences of 8 prompt tokens each hold 2 blocks, then they grow.
+    # 5 blocks of 4 tokens: two sequences of 8 prompt tokens each hold 2 blocks, then they grow.
     alloc, s = make(num_blocks=5, block_size=4, max_tokens=64)
     a = s.add("a", list(range(8)), SamplingParams(max_tokens=16, temperature=0.0), 0)
     b = s.add("b", list(range(8)), SamplingParams(max_tokens=16, temperature=0.0), 0)
     complete(s, s.schedule())  # both prefilled: 4 blocks used, 1 free
     assert alloc.num_free == 1
     complete(s, s.schedule())  # token 9 of each: a takes the last block, b preempted
+    assert a.status is SeqStatus.RUNNING and len(a.block_ids) == 3
     assert b.status is SeqStatus.WAITING and b.num_computed == 0 and b.block_ids == []
     assert s.num_preemptions == 1
     assert b.output_ids == [7]  # what b generated before is kept and recomputed
