@@ -52,6 +52,7 @@ class Gang:
     ):
         self.config = config
         self.parallel = config.parallel
+        self.broken: BaseException | None = None  # the first failure; a broken gang serves nothing more
         world = self.parallel.world_size
         self._own_pg = pg is None
         if pg is None:
@@ -83,8 +84,6 @@ class Gang:
         except Exception:
             self.shutdown()
             raise
-        self._sampler = self.workers[self.parallel.rank(self.parallel.pp - 1, 0)]
-        self.broken: BaseException | None = None
 
     def _wire(self, timeout_s: float) -> None:
         nodes = ray.get([w.node_address.remote() for w in self.workers], timeout=timeout_s)
@@ -132,7 +131,7 @@ class Gang:
             raise GangError(f"a worker did not answer a health check: {e!r}") from e
 
     def shutdown(self) -> None:
-        if getattr(self, "broken", None) is None:  # a broken gang may hang in a collective: just kill it
+        if self.broken is None:  # a broken gang may hang in a collective: just kill it
             try:
                 ray.get([w.shutdown.remote() for w in self.workers], timeout=10)
             except Exception as e:  # dead or hung workers are killed below anyway
