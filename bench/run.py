@@ -115,13 +115,13 @@ async def _engine_stream(engine, prompt, max_tokens) -> tuple[int, float, float]
     return n, first, last
 
 
-async def bench_engine(tp: int, pp: int, dtype: str, settings: Settings, reqs, decode_prompt) -> dict:
+async def bench_engine(model_dir, tp: int, pp: int, dtype: str, settings: Settings, reqs, decode_prompt) -> dict:
     from cluster.engine import EngineConfig, LLMEngine
 
     t0 = time.perf_counter()
     engine = LLMEngine(
         EngineConfig(
-            model=None,
+            model=str(model_dir),
             tensor_parallel_size=tp,
             pipeline_parallel_size=pp,
             dtype=dtype,
@@ -213,10 +213,36 @@ def bench_transformers(model, settings: Settings, reqs, decode_prompt) -> dict:
 
 
 # -- driver --------------------------------------------------------------------------------
+def random_tp2_model() -> Path:
+    """SmolLM2's shape (hidden 576, 30 layers, vocab 49152, tied) with 8 heads / 4 KV heads, random weights."""
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny_tokenizer import save_tiny_tokenizer
+
+    path = Path(tempfile.mkdtemp(prefix="shardserve-bench-"))
+    config = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=8,
+        num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    save_tiny_tokenizer(path, 320)  # the engine needs a tokenizer; the benchmark sends token ids
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="float32,bfloat16", help="comma list of float32,bfloat16")
-    ap.add_argument("--layouts", default="1x1,3x1,1x2", help="comma list of TPxPP, e.g. 1x1,3x1,1x2")
+    ap.add_argument("--layouts", default=None, help="comma list of TPxPP (default 1x1,3x1,1x2; 1x1,2x1 for random-tp2)")
+    ap.add_argument(
+        "--model",
+        default="smollm2",
+        choices=["smollm2", "random-tp2"],
+        help="smollm2: the bundled model; random-tp2: random weights of SmolLM2's size with 8 heads / 4 KV heads, "
+        "so that tp=2 fits (speed does not depend on the weights)",
+    )
     ap.add_argument("--quick", action="store_true", help="shorter prompts/outputs and fewer repeats")
     ap.add_argument("--out-json", help="write all results here")
     args = ap.parse_args(argv)
@@ -224,7 +250,8 @@ def main(argv=None) -> int:
     for d in dtypes:
         if d not in TORCH_DTYPES:
             ap.error(f"unknown dtype {d!r}")
-    layouts = [tuple(int(x) for x in l.lower().split("x")) for l in args.layouts.split(",") if l.strip()]
+    layout_arg = args.layouts or ("1x1,2x1" if args.model == "random-tp2" else "1x1,3x1,1x2")
+    layouts = [tuple(int(x) for x in l.lower().split("x")) for l in layout_arg.split(",") if l.strip()]
     settings = QUICK if args.quick else FULL
 
     import logging
@@ -235,7 +262,7 @@ def main(argv=None) -> int:
     from model.sources import resolve_model
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    model_dir = resolve_model(None)
+    model_dir = resolve_model(None) if args.model == "smollm2" else random_tp2_model()
     bandwidth = read_bandwidth_gbs()
     print(f"read bandwidth: {bandwidth:.1f} GB/s ({CORES} cores)", flush=True)
 
@@ -244,6 +271,7 @@ def main(argv=None) -> int:
     results: dict = {
         "machine": {"cores": CORES, "platform": platform.platform(), "torch": torch.__version__},
         "settings": settings.__dict__,
+        "model": args.model,
         "read_bandwidth_gbs": bandwidth,
         "loadavg_1m_at_start": os.getloadavg()[0],
         "dtypes": {},
@@ -259,7 +287,7 @@ def main(argv=None) -> int:
             entry = {"weight_bytes_per_token": wbytes, "engine": {}}
             for tp, pp in layouts:  # engines first, each shut down before the next and before transformers
                 print(f"[{dtype}] shardserve tp={tp} pp={pp} ...", flush=True)
-                entry["engine"][f"{tp}x{pp}"] = asyncio.run(bench_engine(tp, pp, dtype, settings, reqs, decode_prompt))
+                entry["engine"][f"{tp}x{pp}"] = asyncio.run(bench_engine(model_dir, tp, pp, dtype, settings, reqs, decode_prompt))
                 entry["engine"][f"{tp}x{pp}"]["loadavg_1m_after"] = os.getloadavg()[0]
                 print(f"  {entry['engine'][f'{tp}x{pp}']}", flush=True)
             time.sleep(1.0)  # let the killed workers' processes exit
