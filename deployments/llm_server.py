@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import AsyncIterator
 
 from ray import serve
@@ -13,8 +12,6 @@ from cluster.gang import placement_strategy, worker_bundles
 from deployments.config import AppConfig
 from model.sampling import SamplingParams
 from model.tokenizer import encode_prompt
-
-log = logging.getLogger(__name__)
 
 REPLICA_CPUS = 0.1  # the replica process itself only schedules; workers do the math
 
@@ -35,9 +32,6 @@ class LLMServer:
         self.engine = LLMEngine(
             replica_engine_config(config), pg=get_current_placement_group(), bundle_offset=1
         )
-
-    def model_info(self) -> dict:
-        return {"max_model_len": self.engine.max_model_len}
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """Stream deltas for one request; the first item is {"error": ...} when it cannot run."""
