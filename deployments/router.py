@@ -48,12 +48,58 @@ def _usage(item: dict) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-class ChatShape:
-    @staticmethod
-    def _logprobs(items: list[dict]) -> dict | None:
+class _Shape:
+    """OpenAI response envelopes; subclasses say how one choice and its logprobs look."""
+
+    id_prefix: str
+    object_full: str
+    object_chunk: str
+
+    @classmethod
+    def _envelope(cls, obj: str, rid: str, model: str, created: int, choices: list, usage: dict | None = None) -> dict:
+        body = {"id": f"{cls.id_prefix}-{rid}", "object": obj, "created": created, "model": model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+    @classmethod
+    def _logprobs(cls, items: list[dict]) -> dict | None:
         entries = [lp for item in items for lp in item["logprobs"]]
-        if not entries:
-            return None
+        return cls._format_logprobs(entries) if entries else None
+
+    @classmethod
+    def full(cls, items: list[dict], rid: str, model: str, created: int) -> dict:
+        choice = cls._full_choice("".join(i["text"] for i in items))
+        choice.update(finish_reason=items[-1]["finish_reason"], logprobs=cls._logprobs(items))
+        return cls._envelope(cls.object_full, rid, model, created, [choice], _usage(items[-1]))
+
+    @classmethod
+    def chunk(cls, item: dict, rid: str, model: str, created: int, first: bool = False) -> dict:
+        choice = cls._chunk_choice(item["text"], first)
+        choice.update(finish_reason=item["finish_reason"], logprobs=cls._logprobs([item]))
+        return cls._envelope(cls.object_chunk, rid, model, created, [choice])
+
+    @classmethod
+    def usage_chunk(cls, item: dict, rid: str, model: str, created: int) -> dict:
+        return cls._envelope(cls.object_chunk, rid, model, created, [], _usage(item))
+
+
+class ChatShape(_Shape):
+    id_prefix, object_full, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    @staticmethod
+    def _full_choice(text: str) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": text}}
+
+    @staticmethod
+    def _chunk_choice(text: str, first: bool) -> dict:
+        delta = {"content": text}
+        if first:
+            delta["role"] = "assistant"
+        return {"index": 0, "delta": delta}
+
+    @staticmethod
+    def _format_logprobs(entries: list[dict]) -> dict:
         return {
             "content": [
                 {
@@ -66,72 +112,25 @@ class ChatShape:
             ]
         }
 
-    @classmethod
-    def full(cls, items: list[dict], rid: str, model: str, created: int) -> dict:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": "".join(i["text"] for i in items)},
-            "finish_reason": items[-1]["finish_reason"],
-            "logprobs": cls._logprobs(items),
-        }
-        return {
-            "id": f"chatcmpl-{rid}",
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [choice],
-            "usage": _usage(items[-1]),
-        }
 
-    @classmethod
-    def chunk(cls, item: dict, rid: str, model: str, created: int, first: bool = False) -> dict:
-        delta = {"content": item["text"]}
-        if first:
-            delta["role"] = "assistant"
-        choice = {"index": 0, "delta": delta, "finish_reason": item["finish_reason"], "logprobs": cls._logprobs([item])}
-        return {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [choice]}  # fmt: skip
+class CompletionShape(_Shape):
+    id_prefix, object_full, object_chunk = "cmpl", "text_completion", "text_completion"
 
     @staticmethod
-    def usage_chunk(item: dict, rid: str, model: str, created: int) -> dict:
-        return {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [], "usage": _usage(item)}  # fmt: skip
+    def _full_choice(text: str) -> dict:
+        return {"index": 0, "text": text}
 
-
-class CompletionShape:
     @staticmethod
-    def _logprobs(items: list[dict]) -> dict | None:
-        entries = [lp for item in items for lp in item["logprobs"]]
-        if not entries:
-            return None
+    def _chunk_choice(text: str, first: bool) -> dict:
+        return {"index": 0, "text": text}
+
+    @staticmethod
+    def _format_logprobs(entries: list[dict]) -> dict:
         return {
             "tokens": [lp["token"] for lp in entries],
             "token_logprobs": [lp["logprob"] for lp in entries],
             "top_logprobs": [dict(lp["top"]) for lp in entries],
         }
-
-    @classmethod
-    def full(cls, items: list[dict], rid: str, model: str, created: int) -> dict:
-        choice = {
-            "index": 0,
-            "text": "".join(i["text"] for i in items),
-            "finish_reason": items[-1]["finish_reason"],
-            "logprobs": cls._logprobs(items),
-        }
-        return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
-                "choices": [choice], "usage": _usage(items[-1])}  # fmt: skip
-
-    @classmethod
-    def chunk(cls, item: dict, rid: str, model: str, created: int, first: bool = False) -> dict:
-        choice = {"index": 0, "text": item["text"], "finish_reason": item["finish_reason"],
-                  "logprobs": cls._logprobs([item])}  # fmt: skip
-        return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
-                "choices": [choice]}  # fmt: skip
-
-    @staticmethod
-    def usage_chunk(item: dict, rid: str, model: str, created: int) -> dict:
-        return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
-                "choices": [], "usage": _usage(item)}  # fmt: skip
 
 
 @serve.deployment(name="Router", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000)
