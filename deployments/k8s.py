@@ -20,19 +20,17 @@ import re
 import shlex
 import sys
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
-import ray
 import yaml
 
-from cluster.gang import placement_strategy
 from deployments.config import AppConfig, ConfigError, parse_app_config
-from deployments.llm_server import replica_bundles, replica_engine_config
 
 APP_IMPORT_PATH = "deployments.app:build_app"
 IMAGE_VERSION = "0.1.0"  # the shardserve version baked into the placeholder image tags
 ROUTER_CPUS = 0.1  # Router's ray_actor_options in deployments/router.py (not imported: it loads the gRPC stubs)
-RAY_VERSION = ray.__version__
+RAY_VERSION = version("ray")  # the cluster runs the Ray this package pins
 UPGRADE_TYPES = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
 MAX_RAYSERVICE_NAME = 47  # the operator's limit, so the names it derives stay within 63 characters
 # Port names KubeRay looks for on the head container; it builds the head Service from them.
@@ -134,6 +132,10 @@ def serve_replica_range(config: AppConfig) -> tuple[int, int]:
 
 def replica_units(config: AppConfig) -> tuple[list[Resources], str, str]:
     """The parts of one replica that must each land on one pod, the PG strategy, and a description."""
+    # Imported here, not at the top, so registering the CLI does not load Ray Serve and the model code.
+    from cluster.gang import placement_strategy
+    from deployments.llm_server import replica_bundles, replica_engine_config
+
     bundles = replica_bundles(config)
     parallel = replica_engine_config(config).parallel
     strategy = placement_strategy(parallel)
