@@ -4,7 +4,9 @@ A background task keeps up to ``pp`` micro-batches inside the pipeline: while
 the last stage works on one batch, the first stage already runs the next. Each
 step the scheduler picks the batch, the engine flattens it into one
 ``StepInput`` for all workers, and the sampled tokens that come back are
-detokenized and pushed to each request's queue.
+detokenized and pushed to each request's queue. With prefix caching (on by
+default), prompts that share full KV blocks with earlier ones skip computing
+them; ``stats()`` counts the tokens looked up, found and computed.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None = derived from kv_cache_memory_gib
     kv_cache_memory_gib: float = 1.0  # KV cache per worker when num_kv_blocks is None
     cpus_per_worker: float | None = None  # None = this host's cores shared among the workers
+    enable_prefix_caching: bool = True  # reuse the K/V of full blocks shared with earlier prompts
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -148,6 +151,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             num_micro_batches=parallel.pp,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
         self.eos_token_ids = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -216,6 +220,11 @@ class LLMEngine:
             "kv_blocks_free": self.allocator.num_free,
             "kv_blocks_total": self.allocator.num_blocks,
             "preemptions": self.scheduler.num_preemptions,
+            # Cumulative token counts since the engine started.
+            "prefix_cache_query_tokens": self.scheduler.prefix_cache_query_tokens,
+            "prefix_cache_hit_tokens": self.scheduler.prefix_cache_hit_tokens,
+            "prefill_tokens_computed": self.scheduler.num_prefill_tokens,
+            "kv_blocks_cached": self.allocator.num_cached,  # free blocks still holding a reusable prefix
         }
 
     async def check_health(self) -> None:

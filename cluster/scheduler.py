@@ -7,6 +7,14 @@ more than ``max_num_batched_tokens``. When the KV cache is full, the most
 recently arrived running sequence is preempted: its blocks are freed and it
 goes back to the head of the queue to be recomputed later (prompt + what it
 has generated so far), so its output is unchanged.
+
+With prefix caching, a sequence admitted with nothing computed first takes the
+longest run of cached full blocks matching its tokens (shared, reference
+counted) and computes only from there; at least its last token is always
+computed so that a token is sampled. A sequence's full blocks are registered in
+the cache once the step that computed them has returned (at the next schedule,
+or when the sequence is released), so a block is shared only after its K/V are
+written. Writes only go to positions >= num_computed, never to a shared block.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from model.kv_cache import BlockAllocator, blocks_for
+from model.kv_cache import BlockAllocator, block_hash, blocks_for
 from model.sampling import SamplingParams
 
 
@@ -39,6 +47,9 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     in_flight: bool = False  # part of a micro-batch still inside the pipeline
     aborted: bool = False
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its first full blocks
+    num_registered: int = 0  # leading blocks already in the prefix cache (matched or registered)
+    admitted_len: int = 0  # num_tokens when last admitted: positions below it are prefill/recompute
 
     @property
     def num_tokens(self) -> int:
@@ -83,6 +94,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         num_micro_batches: int = 1,
+        enable_prefix_caching: bool = True,
     ):
         self.allocator = allocator
         self.block_size = allocator.block_size
@@ -91,7 +103,11 @@ class Scheduler:
         self.num_micro_batches = num_micro_batches
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.enable_prefix_caching = enable_prefix_caching
         self.num_preemptions = 0
+        self.prefix_cache_query_tokens = 0  # tokens of admitted sequences looked up in the cache
+        self.prefix_cache_hit_tokens = 0  # of those, tokens found (not computed)
+        self.num_prefill_tokens = 0  # tokens scheduled below a sequence's admitted_len
         self._arrivals = itertools.count()
 
     # -- request lifecycle -------------------------------------------------
@@ -129,6 +145,9 @@ class Scheduler:
             max_seqs = max(1, -(-self.num_unfinished // self.num_micro_batches))
         decodes: list[ScheduledSeq] = []
         prefills: list[ScheduledSeq] = []
+        if self.enable_prefix_caching:
+            for seq in self.running:  # steps that returned since the last call may have filled blocks
+                self._register_computed(seq)
 
         scheduled: set[int] = set()
         for seq in sorted(self.running, key=lambda s: s.arrival):
@@ -145,12 +164,22 @@ class Scheduler:
             budget -= n
 
         while self.waiting and budget > 0 and len(decodes) + len(prefills) < max_seqs:
+            # A waiting sequence (new or preempted) holds no blocks and has nothing computed.
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            need = blocks_for(seq.num_computed + n, self.block_size) - len(seq.block_ids)
-            if not self.allocator.can_allocate(need):
+            shared = self._cached_prefix(seq)
+            start = len(shared) * self.block_size
+            n = min(seq.num_tokens - start, budget)
+            need = blocks_for(start + n, self.block_size) - len(shared)
+            if not self.allocator.can_allocate(need + self.allocator.num_revived(shared)):
                 break  # admission never preempts a running sequence
-            seq.block_ids += self.allocator.allocate(need)
+            self.allocator.share(shared)
+            seq.block_ids = shared + self.allocator.allocate(need)
+            seq.num_computed = start
+            seq.num_registered = len(shared)
+            seq.admitted_len = seq.num_tokens
+            if self.enable_prefix_caching:
+                self.prefix_cache_query_tokens += seq.num_tokens
+                self.prefix_cache_hit_tokens += start
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -163,6 +192,7 @@ class Scheduler:
             return None
         for e in entries:
             e.seq.in_flight = True
+            self.num_prefill_tokens += max(0, min(e.start + e.num_new, e.seq.admitted_len) - e.start)
         return Batch(entries, len(decodes))
 
     def _reserve(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
@@ -195,6 +225,35 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
+        if self.enable_prefix_caching:
+            self._register_computed(seq)  # what it computed stays reusable until evicted
         if seq.block_ids:
             self.allocator.free(seq.block_ids)
             seq.block_ids = []
+        seq.num_registered = 0
+
+    # -- prefix caching --------------------------------------------------------
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks matching the seq's leading full blocks, leaving at least one token to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        return self.allocator.lookup(self._hashes(seq, (seq.num_tokens - 1) // self.block_size))
+
+    def _register_computed(self, seq: Sequence) -> None:
+        """Offer the seq's full blocks whose K/V are written (below num_computed) for sharing."""
+        full = seq.num_computed // self.block_size
+        if full <= seq.num_registered:
+            return
+        hashes = self._hashes(seq, full)
+        for i in range(seq.num_registered, full):
+            self.allocator.register(seq.block_ids[i], hashes[i])
+        seq.num_registered = full
+
+    def _hashes(self, seq: Sequence, n: int) -> list[bytes]:
+        """The chained hashes of the seq's first n full blocks (its tokens never change, so kept)."""
+        bs = self.block_size
+        while len(seq.block_hashes) < n:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if i else None
+            seq.block_hashes.append(block_hash(parent, seq.token_slice(i * bs, (i + 1) * bs)))
+        return seq.block_hashes[:n]

@@ -1,4 +1,4 @@
-"""Continuous batching rules, without a model: chunking, ordering, preemption, and no leaked blocks."""
+"""Continuous batching rules, without a model: chunking, ordering, preemption, prefix caching, no leaked blocks."""
 
 from cluster.scheduler import Scheduler, SeqStatus
 from model.kv_cache import BlockAllocator
@@ -7,10 +7,14 @@ from model.sampling import SamplingParams
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
 
 
-def make(num_blocks=64, block_size=4, max_num_seqs=8, max_tokens=16, micro=1):
+def make(num_blocks=64, block_size=4, max_num_seqs=8, max_tokens=16, micro=1, caching=True):
     alloc = BlockAllocator(num_blocks, block_size)
     return alloc, Scheduler(
-        alloc, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens, num_micro_batches=micro
+        alloc,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_tokens,
+        num_micro_batches=micro,
+        enable_prefix_caching=caching,
     )
 
 
@@ -68,7 +72,8 @@ def test_preemption_frees_blocks_and_recomputes_later_arrival():
     # 5 blocks of 4 tokens: two sequences of 8 prompt tokens each hold 2 blocks, then they grow.
     alloc, s = make(num_blocks=5, block_size=4, max_tokens=64)
     a = s.add("a", list(range(8)), SamplingParams(max_tokens=16, temperature=0.0), 0)
-    b = s.add("b", list(range(8)), SamplingParams(max_tokens=16, temperature=0.0), 0)
+    # Different prompts: with equal ones b would share a's cached blocks and need no preemption.
+    b = s.add("b", list(range(100, 108)), SamplingParams(max_tokens=16, temperature=0.0), 0)
     complete(s, s.schedule())  # both prefilled: 4 blocks used, 1 free
     assert alloc.num_free == 1
     complete(s, s.schedule())  # token 9 of each: a takes the last block, b preempted
@@ -105,3 +110,98 @@ def test_admission_waits_when_cache_is_full():
     complete(s, batch)
     s.finish(a)
     assert [e.seq.request_id for e in s.schedule().entries] == ["b"]
+
+
+# -- prefix caching (block_size 4) ---------------------------------------------------------------
+PREFIX = list(range(40, 52))  # three full blocks
+
+
+def entries(batch):
+    return [(e.seq.request_id, e.start, e.num_new, e.samples) for e in batch.entries]
+
+
+def test_second_sequence_shares_a_three_block_prefix():
+    alloc, s = make(max_tokens=64)
+    a = s.add("a", PREFIX + [1, 2], GREEDY, 0)
+    complete(s, s.schedule())
+    b = s.add("b", PREFIX + [3, 4, 5], GREEDY, 0)
+    assert entries(s.schedule()) == [("a", 14, 1, True), ("b", 12, 3, True)]
+    assert b.num_computed == 12
+    assert b.block_ids[:3] == a.block_ids[:3] and b.block_ids[3] not in a.block_ids
+    assert alloc.num_free == alloc.num_blocks - 5  # 4 blocks of a, 1 of b's own
+    assert s.prefix_cache_query_tokens == 14 + 15 and s.prefix_cache_hit_tokens == 12
+    assert s.num_prefill_tokens == 14 + 3  # a's decode is not prefill
+
+
+def test_blocks_of_a_step_still_in_flight_are_not_shared():
+    _, s = make(max_tokens=64)
+    s.add("a", PREFIX + [1], GREEDY, 0)
+    s.schedule()  # a's prefill is inside the pipeline: its K/V are not written yet
+    b = s.add("b", PREFIX + [2], GREEDY, 0)
+    assert entries(s.schedule()) == [("b", 0, 13, True)]
+    assert b.num_computed == 0 and s.prefix_cache_hit_tokens == 0
+
+
+def test_finished_sequence_leaves_its_prefix_cached_and_a_full_match_still_computes_its_last_token():
+    alloc, s = make(max_tokens=64)
+    a = s.add("a", PREFIX + [1], GREEDY, 0)
+    complete(s, s.schedule())
+    s.finish(a)
+    assert alloc.num_free == alloc.num_blocks and alloc.num_cached == 3
+    # Same 13 tokens: 3 blocks found, the 13th token computed so a token is sampled.
+    s.add("b", PREFIX + [1], GREEDY, 0)
+    assert entries(s.schedule()) == [("b", 12, 1, True)]
+    assert alloc.num_cached == 0
+    # A prompt of exactly three blocks matches only two: its last block holds the token to sample from.
+    s.add("c", PREFIX, GREEDY, 0)
+    assert entries(s.schedule()) == [("c", 8, 4, True)]
+
+
+def test_no_leaks_after_sequences_sharing_prefixes_finish():
+    alloc, s = make(num_blocks=16, max_tokens=8)
+    seqs = [s.add(str(i), PREFIX + [i] * (i + 1), SamplingParams(max_tokens=3, temperature=0.0), 0) for i in range(5)]
+    while s.num_unfinished:
+        batch = s.schedule()
+        complete(s, batch)
+        for e in batch.entries:
+            if len(e.seq.output_ids) >= 3:
+                s.finish(e.seq)
+    assert all(len(q.output_ids) == 3 for q in seqs)
+    assert s.prefix_cache_hit_tokens > 0
+    assert alloc.num_free == alloc.num_blocks
+    assert sorted(alloc.allocate(alloc.num_blocks)) == list(range(16))  # every block can be handed out again
+
+
+def test_preemption_with_shared_blocks_drops_only_its_references_and_resumes_from_the_cache():
+    alloc, s = make(num_blocks=5, block_size=4, max_tokens=64)
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    p8 = PREFIX[:8]
+    a = s.add("a", p8 + [1, 2, 3], params, 0)
+    complete(s, s.schedule())  # a: blocks 0-2
+    b = s.add("b", p8 + [4, 5, 6], params, 0)
+    complete(s, s.schedule())  # b shares blocks 0-1 and takes block 3
+    assert b.block_ids[:2] == a.block_ids[:2]
+    complete(s, s.schedule())  # a takes the last block
+    assert alloc.num_free == 0
+    batch = s.schedule()  # b needs a block: b is the latest arrival, so b is preempted
+    assert entries(batch) == [("a", 13, 1, True)]
+    assert b.status is SeqStatus.WAITING and b.block_ids == [] and s.num_preemptions == 1
+    assert alloc.num_free == 1 and alloc.num_cached == 1  # the shared blocks are still a's
+    complete(s, batch)
+    s.finish(a)
+    # b resumes from its own cached blocks and the shared prefix: only its last token is computed.
+    assert entries(s.schedule()) == [("b", 12, 1, True)]
+    assert b.output_ids == [7, 7]
+    s.finish(b)
+    assert alloc.num_free == alloc.num_blocks
+
+
+def test_prefix_caching_off_shares_nothing():
+    alloc, s = make(max_tokens=64, caching=False)
+    a = s.add("a", PREFIX + [1], GREEDY, 0)
+    complete(s, s.schedule())
+    s.finish(a)
+    assert alloc.num_cached == 0
+    s.add("b", PREFIX + [1], GREEDY, 0)
+    assert entries(s.schedule()) == [("b", 0, 13, True)]
+    assert s.prefix_cache_query_tokens == s.prefix_cache_hit_tokens == 0
