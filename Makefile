@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.stamp
 TORCH  := torch==2.13.0
 ARGS   ?=
 
-.PHONY: venv test serve generate bench clean
+.PHONY: venv test serve generate bench proto clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ generate: venv
 
 bench: venv
 	$(PY) bench/run.py $(ARGS)
+
+# Regenerate the gRPC modules from deployments/proto/shardserve.proto (grpcio-tools is pinned in
+# the test extras, so the output is reproducible; a test checks the committed files match).
+proto: venv
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. deployments/proto/shardserve.proto
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -22,7 +22,7 @@ DEMO_PROMPTS = [
 
 # Flags that override the same-named AppConfig field when given.
 ENGINE_FLAGS = ("model", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "device", "max_model_len")
-SERVE_FLAGS = ("served_model_name", "num_replicas", "host", "port", "api_key")
+SERVE_FLAGS = ("served_model_name", "num_replicas", "host", "port", "grpc_port", "api_key")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -119,15 +119,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from deployments.app import build_app, served_name
+    from deployments.app import build_app, grpc_options, served_name
 
     config = _app_config(args)
     ctx = _start_ray(args.address, dashboard=True)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(http_options={"host": config.host, "port": config.port}, grpc_options=grpc_options(config))
     serve.run(build_app(config), name="shardserve", route_prefix="/")
     url = f"http://{config.host}:{config.port}"
     auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
     print(f"shardserve is up at {url}/v1 serving model {served_name(config)!r}", flush=True)
+    if config.grpc_port is not None:
+        print(f"  gRPC: {config.host}:{config.grpc_port} (deployments/proto/shardserve.proto)")
     print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\": \"{served_name(config)}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")  # fmt: skip
     if ctx.dashboard_url:
@@ -166,8 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-replicas", type=int, default=None)
     srv.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    srv.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000)")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     srv.set_defaults(func=cmd_serve)
+
+    from deployments.k8s import add_k8s_parser
+
+    add_k8s_parser(sub)
     return parser
 
 

@@ -54,6 +54,9 @@ class AppConfig(BaseModel):
     max_num_batched_tokens: int = Field(512, ge=1, description="Most tokens computed in one step; longer prompts are chunked.")
     num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks per worker; null = from kv_cache_memory_gib.")
     kv_cache_memory_gib: float = Field(1.0, gt=0, description="KV cache memory per worker when num_kv_blocks is null.")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV blocks of prompt prefixes already computed (same system prompt, same chat)."
+    )
     cpus_per_worker: float | None = Field(
         None, gt=0, description="CPUs reserved per worker on cpu; null = 1 when serving, the host's cores shared offline."
     )
@@ -61,6 +64,14 @@ class AppConfig(BaseModel):
     autoscaling: AutoscalingConfig | None = Field(None, description="Scale replicas on load instead of a fixed count.")
     host: str = Field("127.0.0.1", description="HTTP listen address.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible endpoint.")
+    grpc_port: int | None = Field(
+        9000, ge=1, le=65535, description="gRPC port (deployments/proto/shardserve.proto); null = no gRPC."
+    )
+    max_queued_requests: int = Field(
+        -1,
+        ge=-1,
+        description="Requests a router may hold for busy replicas before refusing with 429 / RESOURCE_EXHAUSTED; -1 = no limit.",
+    )
     api_key: str | None = Field(None, description="When set, requests must send `Authorization: Bearer <key>`.")
 
     @model_validator(mode="after")
@@ -84,6 +95,7 @@ class AppConfig(BaseModel):
             num_kv_blocks=self.num_kv_blocks,
             kv_cache_memory_gib=self.kv_cache_memory_gib,
             cpus_per_worker=self.cpus_per_worker,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
 
 

@@ -79,6 +79,7 @@ def llm_server_deployment(config: AppConfig):
         placement_group_strategy=placement_strategy(replica_engine_config(config).parallel),
         ray_actor_options={"num_cpus": REPLICA_CPUS},
         max_ongoing_requests=config.max_num_seqs * 2,
+        max_queued_requests=config.max_queued_requests,
         health_check_period_s=10,
     )
     if config.autoscaling is not None:

@@ -1,8 +1,11 @@
-"""Router: the OpenAI-compatible HTTP ingress in front of the LLMServer replicas.
+"""Router: the ingress in front of the LLMServer replicas, for HTTP (OpenAI-compatible) and gRPC.
 
-It validates, authenticates and shapes requests; Serve's handle picks the
-replica (power of two choices over replicas' outstanding requests, healthy
-replicas only) and streams the deltas back, which become SSE chunks here.
+Both transports share one path: authenticate, check the model name, validate
+the body with the same pydantic models, start the request on a replica and
+wait for its first item, so that any refusal is known before a byte is sent.
+A refusal is a ``RequestError`` carrying an HTTP status; gRPC maps it to a
+status code. Serve's handle picks the replica (deployments/request_router.py)
+and streams the deltas back, which become SSE chunks or gRPC messages here.
 """
 
 
@@ -11,22 +14,55 @@ import time
 import uuid
 from typing import AsyncIterator
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppConfig
 from deployments.openai_protocol import ChatCompletionRequest, CompletionRequest, error_response
+from deployments.proto import shardserve_pb2 as pb
 
 api = FastAPI(title="shardserve", description="OpenAI-compatible API of a sharded LLM on Ray")
 
 
-def _invalid(e: ValidationError) -> JSONResponse:
-    err = e.errors()[0]
-    param = ".".join(str(p) for p in err["loc"]) or None
-    return error_response(400, f"{param}: {err['msg']}", type_="invalid_request_error", param=param)
+class RequestError(Exception):
+    """A request refused before it ran, with the HTTP status and OpenAI error fields that describe it."""
+
+    def __init__(self, status: int, message: str, *, type_: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def __reduce__(self):  # picklable, so Serve can carry it to the gRPC proxy
+        return _request_error, (self.status, self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, type_=self.type, param=self.param, code=self.code)
+
+
+def _request_error(status, message, type_, param, code) -> RequestError:
+    return RequestError(status, message, type_=type_, param=param, code=code)
+
+
+GRPC_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _validate(body: dict, model_cls):
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise RequestError(400, f"{param}: {err['msg']}", type_="invalid_request_error", param=param) from None
 
 
 def _sampling(req, max_tokens: int | None, logprobs: int | None) -> dict:
@@ -41,6 +77,60 @@ def _sampling(req, max_tokens: int | None, logprobs: int | None) -> dict:
         "ignore_eos": req.ignore_eos,
         "logprobs": logprobs,
     }
+
+
+def chat_payload(req: ChatCompletionRequest) -> dict:
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return {
+        "prompt": [m.model_dump() for m in req.messages],
+        "sampling": _sampling(req, req.max_completion_tokens or req.max_tokens, logprobs),
+    }
+
+
+def completion_payload(req: CompletionRequest) -> dict:
+    return {"prompt": req.prompt, "raw": True, "sampling": _sampling(req, req.max_tokens, req.logprobs)}
+
+
+def grpc_request_body(request: pb.GenerateRequest, model_name: str) -> tuple[dict, type]:
+    """The gRPC request as the JSON body of the matching HTTP route, so both are validated alike."""
+    if bool(request.prompt) == bool(request.messages):
+        raise RequestError(400, "set exactly one of prompt and messages", type_="invalid_request_error")
+    body: dict = {"model": request.model or model_name, "top_k": request.top_k, "ignore_eos": request.ignore_eos}
+    for name in ("max_tokens", "temperature", "top_p", "seed"):
+        if request.HasField(name):
+            body[name] = getattr(request, name)
+    if request.stop:
+        body["stop"] = list(request.stop)
+    if request.messages:
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        if request.HasField("logprobs"):
+            body.update(logprobs=True, top_logprobs=request.logprobs)
+        return body, ChatCompletionRequest
+    body["prompt"] = request.prompt
+    if request.HasField("logprobs"):
+        body["logprobs"] = request.logprobs
+    return body, CompletionRequest
+
+
+def grpc_response(items: list[dict], rid: str, model: str) -> pb.GenerateResponse:
+    """One message for a run of deltas: the whole completion (unary) or one delta (streaming)."""
+    last = items[-1]
+    out = pb.GenerateResponse(
+        id=rid,
+        model=model,
+        text="".join(i["text"] for i in items),
+        token_ids=[t for i in items for t in i["token_ids"]],
+        finish_reason=last["finish_reason"] or "",
+    )
+    if last["finish_reason"]:
+        out.usage.CopyFrom(pb.Usage(**_usage(last)))
+    for item in items:
+        for lp in item["logprobs"]:
+            top = [pb.TopLogprob(token=t, logprob=v) for t, v in lp["top"]]
+            out.logprobs.append(
+                pb.TokenLogprob(token=lp["token"], token_id=lp["token_id"], logprob=lp["logprob"], top_logprobs=top)
+            )
+    return out
 
 
 def _usage(item: dict) -> dict:
@@ -142,50 +232,61 @@ class Router:
         self.model_name = model_name
         self.created = int(time.time())
 
-    # -- plumbing -----------------------------------------------------------------
-    def _refuse(self, request: Request, body: dict | None) -> JSONResponse | None:
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            return error_response(401, "missing or wrong API key", type_="authentication_error", code="invalid_api_key")
-        if body is not None and body.get("model") not in (None, self.model_name):
-            return error_response(
+    # -- checks and dispatch, shared by HTTP and gRPC ------------------------------
+    def _authorize(self, authorization: str | None) -> None:
+        if self.api_key is not None and authorization != f"Bearer {self.api_key}":
+            raise RequestError(401, "missing or wrong API key", type_="authentication_error", code="invalid_api_key")
+
+    def _check_model(self, model) -> None:
+        if model not in (None, self.model_name):
+            raise RequestError(
                 404,
-                f"model {body.get('model')!r} does not exist; this server serves {self.model_name!r}",
+                f"model {model!r} does not exist; this server serves {self.model_name!r}",
                 type_="invalid_request_error",
                 param="model",
                 code="model_not_found",
             )
-        return None
 
-    async def _parse(self, request: Request, model_cls):
-        """The validated request body, or the error response that refuses it."""
-        try:
-            body = await request.json()
-        except json.JSONDecodeError as e:
-            return error_response(400, f"request body is not valid JSON: {e}", type_="invalid_request_error")
-        if not isinstance(body, dict):
-            return error_response(400, "request body must be a JSON object", type_="invalid_request_error")
-        if (refusal := self._refuse(request, body)) is not None:
-            return refusal
-        try:
-            return model_cls.model_validate(body)
-        except ValidationError as e:
-            return _invalid(e)
-
-    async def _run(self, payload: dict, shape, req):
-        """Start the request on a replica; a refusal comes back as the first item, before any byte is sent."""
-        stream = req.stream
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    async def _start(self, payload: dict):
+        """Start the request on a replica and return its first item and the rest of the stream."""
         gen = self.server.options(stream=True).generate.remote(payload)
         try:
             first = await gen.__anext__()
+        except BackPressureError as e:
+            raise RequestError(429, f"server is busy, retry later: {e}", type_="rate_limit_error", code="queue_full")
         except Exception as e:  # no replica could take it, or its engine failed
-            return error_response(503, f"model is unavailable: {e}", type_="service_unavailable")
+            raise RequestError(503, f"model is unavailable: {e}", type_="service_unavailable") from None
         if "error" in first:
             gen.cancel()
-            return error_response(400, first["error"], type_="invalid_request_error", code="invalid_request")
+            raise RequestError(400, first["error"], type_="invalid_request_error", code="invalid_request")
+        return first, gen
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "shardserve"}
+
+    # -- HTTP ---------------------------------------------------------------------
+    async def _http_request(self, request: Request, model_cls):
+        """The validated request body; raises RequestError to refuse it."""
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as e:
+            raise RequestError(400, f"request body is not valid JSON: {e}", type_="invalid_request_error") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "request body must be a JSON object", type_="invalid_request_error")
+        self._authorize(request.headers.get("authorization"))
+        self._check_model(body.get("model"))
+        return _validate(body, model_cls)
+
+    async def _respond(self, request: Request, model_cls, to_payload, shape):
+        try:
+            req = await self._http_request(request, model_cls)
+            first, gen = await self._start(to_payload(req))
+        except RequestError as e:
+            return e.response()
         rid = uuid.uuid4().hex
         headers = {"x-shardserve-replica": first["replica"]}  # which replica served it, for debugging
-        if stream:
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
                 self._sse(first, gen, shape, rid, include_usage), media_type="text/event-stream", headers=headers
             )
@@ -202,34 +303,70 @@ class Router:
             yield f"data: {json.dumps(shape.usage_chunk(last, rid, self.model_name, self.created))}\n\n"
         yield "data: [DONE]\n\n"
 
-    # -- routes -------------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
 
     @api.get("/v1/models")
     async def models(self, request: Request):
-        if (refusal := self._refuse(request, None)) is not None:
-            return refusal
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "shardserve"}
-        return {"object": "list", "data": [card]}
+        try:
+            self._authorize(request.headers.get("authorization"))
+        except RequestError as e:
+            return e.response()
+        return {"object": "list", "data": [self._model_card()]}
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        req = await self._parse(request, ChatCompletionRequest)
-        if isinstance(req, JSONResponse):
-            return req
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        payload = {
-            "prompt": [m.model_dump() for m in req.messages],
-            "sampling": _sampling(req, req.max_completion_tokens or req.max_tokens, logprobs),
-        }
-        return await self._run(payload, ChatShape, req)
+        return await self._respond(request, ChatCompletionRequest, chat_payload, ChatShape)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        req = await self._parse(request, CompletionRequest)
-        if isinstance(req, JSONResponse):
-            return req
-        payload = {"prompt": req.prompt, "raw": True, "sampling": _sampling(req, req.max_tokens, req.logprobs)}
-        return await self._run(payload, CompletionShape, req)
+        return await self._respond(request, CompletionRequest, completion_payload, CompletionShape)
+
+    # -- gRPC (method names are the RPC names in deployments/proto/shardserve.proto) --
+    async def _grpc_start(self, request: pb.GenerateRequest, grpc_context):
+        metadata = dict(grpc_context.invocation_metadata())
+        self._authorize(metadata.get("authorization"))
+        body, model_cls = grpc_request_body(request, self.model_name)
+        self._check_model(body["model"])
+        req = _validate(body, model_cls)
+        payload = chat_payload(req) if model_cls is ChatCompletionRequest else completion_payload(req)
+        return await self._start(payload)
+
+    @staticmethod
+    def _grpc_refuse(grpc_context, e: RequestError) -> None:
+        grpc_context.set_code(GRPC_STATUS[e.status])
+        grpc_context.set_details(e.message)
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        try:
+            first, gen = await self._grpc_start(request, grpc_context)
+        except RequestError as e:
+            self._grpc_refuse(grpc_context, e)
+            return pb.GenerateResponse()
+        items = [first] + [item async for item in gen]
+        return grpc_response(items, uuid.uuid4().hex, self.model_name)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            first, gen = await self._grpc_start(request, grpc_context)
+        except RequestError as e:
+            # With no message sent, Serve's proxy only reports a code that comes with an exception.
+            self._grpc_refuse(grpc_context, e)
+            raise
+        rid = uuid.uuid4().hex
+        yield grpc_response([first], rid, self.model_name)
+        async for item in gen:
+            yield grpc_response([item], rid, self.model_name)
+
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
+        try:
+            self._authorize(dict(grpc_context.invocation_metadata()).get("authorization"))
+        except RequestError as e:
+            self._grpc_refuse(grpc_context, e)
+            return pb.ListModelsResponse()
+        card = self._model_card()
+        return pb.ListModelsResponse(models=[pb.ModelCard(id=card["id"], created=card["created"], owned_by="shardserve")])
+
+    async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
+        return pb.HealthResponse(status="ok")

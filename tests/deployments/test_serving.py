@@ -3,54 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import httpx
 import openai
 import pytest
-from ray import serve
 
-from deployments.app import build_app
-from model.tokenizer import encode_prompt, load_tokenizer
-from tests.reference import hf_greedy
-
-API_KEY = "test-key"
-PROMPT = "The quick brown fox"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.deployments.served_app import API_KEY, PROMPT
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_cluster, tiny_llama_dir):
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {
-        "model": str(tiny_llama_dir),
-        "served_model_name": "tiny",
-        "num_replicas": 2,
-        "cpus_per_worker": 0.25,
-        "num_kv_blocks": 256,
-        "api_key": API_KEY,
-    }
-    serve.run(build_app(args), name="shardserve", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+def base_url(served):
+    return served.http
 
 
 @pytest.fixture(scope="module")
 def client(base_url):
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def reference_text(tiny_llama_dir):
-    tok = load_tokenizer(tiny_llama_dir)
-    ref = hf_greedy(tiny_llama_dir, [encode_prompt(tok, PROMPT, raw=True)], 8)[0]
-    return tok.decode(ref.token_ids, skip_special_tokens=True)
 
 
 GREEDY = {"temperature": 0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}

@@ -1,0 +1,32 @@
+"""One Serve instance for the serving tests: started once, shut down at the end of the session."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.deployments.served_app import APP_ARGS, PROMPT, Served, free_port
+from tests.reference import hf_greedy
+
+
+@pytest.fixture(scope="session")
+def served(ray_cluster, tiny_llama_dir):
+    from ray import serve
+
+    from deployments.app import build_app, grpc_options
+    from deployments.config import parse_app_config
+
+    config = parse_app_config({**APP_ARGS, "model": str(tiny_llama_dir), "port": free_port(), "grpc_port": free_port()})
+    serve.start(http_options={"host": "127.0.0.1", "port": config.port}, grpc_options=grpc_options(config))
+    serve.run(build_app(config), name="shardserve", route_prefix="/")
+    yield Served(http=f"http://127.0.0.1:{config.port}", grpc=f"127.0.0.1:{config.grpc_port}")
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference_text(tiny_llama_dir):
+    """transformers' greedy 8 tokens after PROMPT, as text."""
+    from model.tokenizer import encode_prompt, load_tokenizer
+
+    tok = load_tokenizer(tiny_llama_dir)
+    ref = hf_greedy(tiny_llama_dir, [encode_prompt(tok, PROMPT, raw=True)], 8)[0]
+    return tok.decode(ref.token_ids, skip_special_tokens=True)
