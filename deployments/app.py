@@ -34,5 +34,8 @@ def served_name(config: AppConfig) -> str:
 
 def build_app(args: AppConfig | dict) -> Application:
     config = args if isinstance(args, AppConfig) else parse_app_config(args or {}, "application args")
-    server = llm_server_deployment(config).bind(config)
-    return Router.bind(server, config, served_name(config))
+    # Replica count and autoscaling are deployment options; keeping them out of the replicas'
+    # constructor arguments means a change to them alone does not change what a replica is built from.
+    replica_args = config.model_copy(update={"num_replicas": 1, "autoscaling": None})
+    server = llm_server_deployment(config).bind(replica_args, served_name(config))
+    return Router.bind(server, config.api_key, served_name(config))

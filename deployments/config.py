@@ -26,6 +26,15 @@ class AutoscalingConfig(BaseModel):
     )
     upscale_delay_s: float = Field(10.0, ge=0, description="Seconds load must stay high before adding a replica.")
     downscale_delay_s: float = Field(60.0, ge=0, description="Seconds load must stay low before removing one.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Seconds of load history each decision averages.")
+    metric: Literal["ongoing_requests", "engine_utilization"] = Field(
+        "ongoing_requests",
+        description="Scale on requests in progress, or on how full each engine's batch and KV cache are "
+        "(plus waiting sequences), so long generations count as busy.",
+    )
+    target_engine_utilization: float = Field(
+        0.75, gt=0, description="With metric engine_utilization: the mean utilization aimed for (1 = full)."
+    )
 
     @model_validator(mode="after")
     def _range(self) -> "AutoscalingConfig":
@@ -71,6 +80,11 @@ class AppConfig(BaseModel):
         -1,
         ge=-1,
         description="Requests a router may hold for busy replicas before refusing with 429 / RESOURCE_EXHAUSTED; -1 = no limit.",
+    )
+    routing: Literal["prefix_affinity", "power_of_two_choices"] = Field(
+        "prefix_affinity",
+        description="Send requests sharing a long prompt prefix to the replica that has it cached, unless "
+        "it is much busier; or plain power of two choices.",
     )
     api_key: str | None = Field(None, description="When set, requests must send `Authorization: Bearer <key>`.")
 

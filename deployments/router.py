@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import AppConfig
+from deployments.metrics import RouterMetrics
 from deployments.openai_protocol import ChatCompletionRequest, CompletionRequest, error_response
 from deployments.proto import shardserve_pb2 as pb
 
@@ -226,11 +226,12 @@ class CompletionShape(_Shape):
 @serve.deployment(name="Router", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class Router:
-    def __init__(self, server: DeploymentHandle, config: AppConfig, model_name: str):
+    def __init__(self, server: DeploymentHandle, api_key: str | None, model_name: str):
         self.server = server
-        self.api_key = config.api_key
+        self.api_key = api_key
         self.model_name = model_name
         self.created = int(time.time())
+        self.metrics = RouterMetrics(model_name)
 
     # -- checks and dispatch, shared by HTTP and gRPC ------------------------------
     def _authorize(self, authorization: str | None) -> None:
@@ -278,11 +279,14 @@ class Router:
         return _validate(body, model_cls)
 
     async def _respond(self, request: Request, model_cls, to_payload, shape):
+        route = request.url.path
         try:
             req = await self._http_request(request, model_cls)
             first, gen = await self._start(to_payload(req))
         except RequestError as e:
+            self.metrics.request(route, e.status)
             return e.response()
+        self.metrics.request(route, 200)
         rid = uuid.uuid4().hex
         headers = {"x-shardserve-replica": first["replica"]}  # which replica served it, for debugging
         if req.stream:
@@ -312,7 +316,9 @@ class Router:
         try:
             self._authorize(request.headers.get("authorization"))
         except RequestError as e:
+            self.metrics.request("/v1/models", e.status)
             return e.response()
+        self.metrics.request("/v1/models", 200)
         return {"object": "list", "data": [self._model_card()]}
 
     @api.post("/v1/chat/completions")
@@ -324,36 +330,38 @@ class Router:
         return await self._respond(request, CompletionRequest, completion_payload, CompletionShape)
 
     # -- gRPC (method names are the RPC names in deployments/proto/shardserve.proto) --
-    async def _grpc_start(self, request: pb.GenerateRequest, grpc_context):
-        metadata = dict(grpc_context.invocation_metadata())
-        self._authorize(metadata.get("authorization"))
-        body, model_cls = grpc_request_body(request, self.model_name)
-        self._check_model(body["model"])
-        req = _validate(body, model_cls)
-        payload = chat_payload(req) if model_cls is ChatCompletionRequest else completion_payload(req)
-        return await self._start(payload)
+    async def _grpc_start(self, request: pb.GenerateRequest, grpc_context, route: str):
+        try:
+            metadata = dict(grpc_context.invocation_metadata())
+            self._authorize(metadata.get("authorization"))
+            body, model_cls = grpc_request_body(request, self.model_name)
+            self._check_model(body["model"])
+            req = _validate(body, model_cls)
+            payload = chat_payload(req) if model_cls is ChatCompletionRequest else completion_payload(req)
+            started = await self._start(payload)
+        except RequestError as e:
+            self._grpc_refuse(grpc_context, e, route)
+            raise
+        self.metrics.request(route, grpc.StatusCode.OK.name)
+        return started
 
-    @staticmethod
-    def _grpc_refuse(grpc_context, e: RequestError) -> None:
+    def _grpc_refuse(self, grpc_context, e: RequestError, route: str) -> None:
         grpc_context.set_code(GRPC_STATUS[e.status])
         grpc_context.set_details(e.message)
+        self.metrics.request(route, GRPC_STATUS[e.status].name)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
-            first, gen = await self._grpc_start(request, grpc_context)
-        except RequestError as e:
-            self._grpc_refuse(grpc_context, e)
+            first, gen = await self._grpc_start(request, grpc_context, "Generate")
+        except RequestError:
             return pb.GenerateResponse()
         items = [first] + [item async for item in gen]
         return grpc_response(items, uuid.uuid4().hex, self.model_name)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
-        try:
-            first, gen = await self._grpc_start(request, grpc_context)
-        except RequestError as e:
-            # With no message sent, Serve's proxy only reports a code that comes with an exception.
-            self._grpc_refuse(grpc_context, e)
-            raise
+        # With no message sent, Serve's proxy only reports a code that comes with an exception,
+        # so a refusal propagates from here.
+        first, gen = await self._grpc_start(request, grpc_context, "GenerateStream")
         rid = uuid.uuid4().hex
         yield grpc_response([first], rid, self.model_name)
         async for item in gen:
@@ -363,8 +371,9 @@ class Router:
         try:
             self._authorize(dict(grpc_context.invocation_metadata()).get("authorization"))
         except RequestError as e:
-            self._grpc_refuse(grpc_context, e)
+            self._grpc_refuse(grpc_context, e, "ListModels")
             return pb.ListModelsResponse()
+        self.metrics.request("ListModels", grpc.StatusCode.OK.name)
         card = self._model_card()
         return pb.ListModelsResponse(models=[pb.ModelCard(id=card["id"], created=card["created"], owned_by="shardserve")])
 

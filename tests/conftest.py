@@ -12,8 +12,14 @@ from tests.tiny_tokenizer import save_tiny_tokenizer
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    import os
+
     import ray
 
+    # Fast autoscaling and metrics for the tests; Serve and Ray read these when their processes start.
+    os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     # Logical CPUs beyond the 2 physical cores: gangs in tests ask for fractional CPUs per worker.
     ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     yield ray

@@ -39,7 +39,7 @@ def _save(model_type: str, config: dict, out_dir) -> Path:
 def make_tiny_llama(out_dir, **overrides) -> Path:
     """A Llama (or, with model_type="qwen2"/"mistral", that family) of 4 heads / 2 KV heads, hidden 64."""
     config = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   initializer_range=INIT_RANGE, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                   rope_theta=10000.0)
     config.update(overrides)

@@ -1,0 +1,67 @@
+"""Prefix-affinity routing over the shared 2-replica app, and the pure prefix hashing behind it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from deployments.request_router import prefix_keys, prompt_text
+from tests.deployments.served_app import API_KEY
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SYSTEM = "You are a careful assistant for the fleet operations team. " * 8  # ~480 characters
+
+
+def test_prefix_keys_share_a_prefix_and_ignore_short_prompts():
+    a = prefix_keys("x" * 300 + "question one", chunk_chars=64, min_prefix_chars=256)
+    b = prefix_keys("x" * 300 + "another question", chunk_chars=64, min_prefix_chars=256)
+    assert a and a[0] == b[0]  # the shared 256 characters hash alike
+    assert prefix_keys("short prompt", chunk_chars=64, min_prefix_chars=256) == []
+    chat = prompt_text({"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]})
+    assert chat == "<|system|>S<|user|>U"
+
+
+def chat(base_url: str, system: str, question: str, max_tokens: int = 2) -> str:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    r = httpx.post(base_url + "/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+    r.raise_for_status()
+    return r.headers["x-shardserve-replica"]
+
+
+def test_requests_sharing_a_long_prefix_stay_on_one_replica(served):
+    for n in range(3):
+        system = f"[team {n}] " + SYSTEM
+        replicas = {chat(served.http, system, f"question {i}?") for i in range(5)}
+        assert len(replicas) == 1, (n, replicas)
+
+
+def test_load_spreads_when_the_prefix_owner_is_saturated(served):
+    chat(served.http, "[burst] " + SYSTEM, "warm up")  # some replica now owns this prefix
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+
+            async def one(i):
+                body = {
+                    "model": "tiny",
+                    "messages": [{"role": "system", "content": "[burst] " + SYSTEM}, {"role": "user", "content": f"q{i}"}],
+                    "max_tokens": 48,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                }
+                r = await client.post(served.http + "/v1/chat/completions", json=body, headers=AUTH)
+                r.raise_for_status()
+                return r.headers["x-shardserve-replica"]
+
+            return await asyncio.gather(*(one(i) for i in range(24)))
+
+    replicas = asyncio.run(burst())
+    # max_imbalance is 32 // 4 = 8: past that, the owner's lead sends work to the other replica.
+    assert len(set(replicas)) == 2, replicas
