@@ -35,6 +35,14 @@ def worker_bundles(parallel: ParallelConfig, device: str, cpus_per_worker: float
     return [dict(bundle) for _ in range(parallel.world_size)]
 
 
+def worker_options(device: str, cpus_per_worker: float) -> dict[str, float]:
+    """A worker actor's resources, equal to its bundle. On cuda, num_cpus=0 is explicit: an actor
+    that names any resource otherwise holds 1 CPU as well, which a GPU-only bundle cannot give."""
+    if device == "cuda":
+        return {"num_gpus": 1, "num_cpus": 0}
+    return {"num_cpus": cpus_per_worker}
+
+
 def placement_strategy(parallel: ParallelConfig) -> str:
     # A TP group must share a host; pipeline stages may spread over hosts.
     return "STRICT_PACK" if parallel.pp == 1 else "PACK"
@@ -68,7 +76,7 @@ class Gang:
                 )
         self.pg = pg
         actor_cls = ray.remote(Worker)
-        resources = {"num_gpus": 1} if config.device == "cuda" else {"num_cpus": cpus_per_worker}
+        resources = worker_options(config.device, cpus_per_worker)
         self.workers = [
             actor_cls.options(
                 **resources,

@@ -71,9 +71,15 @@ def test_bare_mapping_and_frozen(tmp_path):
 def test_committed_local_yaml_is_a_valid_serve_config_and_app_config():
     path = "deployments/configs/local.yaml"
     with open(path) as f:
-        ServeDeploySchema.model_validate(yaml.safe_load(f))
+        serve_config = ServeDeploySchema.model_validate(yaml.safe_load(f))
     config = load_app_config(path)
     assert config.model is None and config.num_replicas == 1
+    # Serve's own listeners (for `serve run`) and shardserve's (for `shardserve serve`) agree.
+    assert (serve_config.http_options.host, serve_config.http_options.port) == (config.host, config.port)
+    assert serve_config.grpc_options.port == config.grpc_port
+    from deployments.app import GRPC_SERVICER
+
+    assert serve_config.grpc_options.grpc_servicer_functions == [GRPC_SERVICER]
 
 
 def test_readme_config_reference_is_in_sync():
