@@ -62,10 +62,6 @@ class LLMServer:
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {"engine_utilization": self._utilization()}
 
-    def stats(self) -> dict:
-        """The engine's counters and state, with the replica id (for operators and tests)."""
-        return {"replica": self.replica, **self.engine.stats()}
-
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """Stream deltas for one request; the first item is {"error": ...} when it cannot run."""
         try:

@@ -268,13 +268,13 @@ class Router:
     # -- HTTP ---------------------------------------------------------------------
     async def _http_request(self, request: Request, model_cls):
         """The validated request body; raises RequestError to refuse it."""
+        self._authorize(request.headers.get("authorization"))
         try:
             body = await request.json()
         except json.JSONDecodeError as e:
             raise RequestError(400, f"request body is not valid JSON: {e}", type_="invalid_request_error") from None
         if not isinstance(body, dict):
             raise RequestError(400, "request body must be a JSON object", type_="invalid_request_error")
-        self._authorize(request.headers.get("authorization"))
         self._check_model(body.get("model"))
         return _validate(body, model_cls)
 
