@@ -71,7 +71,9 @@ def cluster_serve_config(serve_config: dict, source: str = "config") -> tuple[di
     given = app.get("args") or {}
     config = parse_app_config(given, f"{source}: applications[0].args")
     config = config.model_copy(update={"host": "0.0.0.0"})
-    args = config.model_dump(mode="json", include=set(given) | {"host", "port"})
+    # Only what the file sets (nested blocks too), so new AppConfig fields do not change manifests.
+    args = config.model_dump(mode="json", include=set(given) | {"host", "port"}, exclude_unset=True)
+    args.update(host=config.host, port=config.port)
 
     out: dict = {
         "proxy_location": "EveryNode",
