@@ -1,4 +1,9 @@
-"""The Grafana dashboard charts exactly the metrics deployments/metrics.py defines (no Ray needed)."""
+"""The Grafana dashboard charts exactly the metrics deployments/metrics.py defines (no Ray needed).
+
+metrics.py is read with ``ast``, not imported: each string literal ``"shardserve_..."`` passed as
+the first argument to ``metrics.Counter/Gauge/Histogram`` or to the local ``counter/gauge/histogram``
+helpers is a metric, its type is the callee's name and its labels are the ``tag_keys`` of its class.
+"""
 
 from __future__ import annotations
 
@@ -9,41 +14,125 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = json.loads((REPO / "k8s/grafana/shardserve.json").read_text())
+DATASOURCE = "${datasource}"
+# What Ray's Prometheus exporter appends to each type's name.
+SUFFIXES = {"counter": {"_total"}, "gauge": {""}, "histogram": {"_bucket", "_sum", "_count"}}
+SERIES = re.compile(r"ray_(shardserve_[a-z_]+)(\{[^}]*\})?")
+MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 
 
-def defined_metrics() -> set[str]:
-    """Names passed as the first argument to the metric constructors and helpers in metrics.py."""
+def _tag_keys(node: ast.expr, class_consts: dict[str, ast.expr]) -> set[str]:
+    if isinstance(node, ast.Attribute) and node.attr in class_consts:  # self.TAGS
+        node = class_consts[node.attr]
+    return set(ast.literal_eval(node))
+
+
+def defined_metrics() -> dict[str, tuple[str, frozenset[str]]]:
+    """{name: (type, labels)} for every metric created in deployments/metrics.py."""
     tree = ast.parse((REPO / "deployments/metrics.py").read_text())
-    return {
-        node.args[0].value
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call)
-        and node.args
-        and isinstance(node.args[0], ast.Constant)
-        and isinstance(node.args[0].value, str)
-        and node.args[0].value.startswith("shardserve_")
-    }
+    out = {}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        consts = {
+            t.id: stmt.value
+            for stmt in cls.body
+            if isinstance(stmt, ast.Assign)
+            for t in stmt.targets
+            if isinstance(t, ast.Name)
+        }
+        calls = [n for n in ast.walk(cls) if isinstance(n, ast.Call)]
+        labels = frozenset().union(
+            *(_tag_keys(kw.value, consts) for c in calls for kw in c.keywords if kw.arg == "tag_keys")
+        )
+        for call in calls:
+            if not (call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
+                continue
+            name = call.args[0].value
+            if not name.startswith("shardserve_"):
+                continue
+            callee = call.func.attr if isinstance(call.func, ast.Attribute) else call.func.id
+            assert callee.lower() in SUFFIXES, f"{name}: made by {callee}(), not a counter, gauge or histogram"
+            out[name] = (callee.lower(), labels)
+    return out
 
 
-def charted_metrics() -> set[str]:
-    names = set()
-    for panel in DASHBOARD["panels"]:
-        for target in panel.get("targets", []):
-            for name in re.findall(r"ray_(shardserve_[a-z_]+)", target["expr"]):
-                names.add(re.sub(r"_(bucket|sum|count|total)$", "", name))
-    return names
+DEFINED = defined_metrics()
+
+
+def all_panels(panels: list[dict]) -> list[dict]:
+    """Every panel, including those nested in collapsed rows."""
+    return [q for p in panels for q in [p, *all_panels(p.get("panels", []))]]
+
+
+PANELS = all_panels(DASHBOARD["panels"])
+CHARTS = [p for p in PANELS if p["type"] != "row"]
+EXPRS = [(p["title"], t["expr"]) for p in CHARTS for t in p.get("targets", [])]
+
+
+def base_name(exported: str) -> str:
+    return re.sub(r"_(bucket|sum|count|total)$", "", exported)
+
+
+def test_metrics_py_is_parsed():
+    # Every "shardserve_..." name in the file was found as a metric, so none is made in a way this test misses.
+    source = (REPO / "deployments/metrics.py").read_text()
+    assert set(re.findall(r'"(shardserve_[a-z_]+)"', source)) == set(DEFINED)
+    assert len(DEFINED) >= 14
+    assert DEFINED["shardserve_requests"] == ("counter", {"model", "route", "status"})
+    assert DEFINED["shardserve_time_to_first_token_seconds"] == ("histogram", {"model", "replica"})
+    assert DEFINED["shardserve_running_sequences"] == ("gauge", {"model", "replica"})
 
 
 def test_every_charted_metric_exists_and_every_metric_is_charted():
-    defined = defined_metrics()
-    assert len(defined) >= 14
-    assert charted_metrics() == defined
+    charted = {base_name(m) for _, expr in EXPRS for m, _ in SERIES.findall(expr)}
+    assert charted - set(DEFINED) == set(), "charted but not defined in deployments/metrics.py"
+    assert set(DEFINED) - charted == set(), "defined in deployments/metrics.py but charted by no panel"
+
+
+def test_series_use_the_exported_name_and_the_model_and_replica_filters():
+    for title, expr in EXPRS:
+        found = SERIES.findall(expr)
+        assert found, f"{title}: {expr} reads no shardserve metric"
+        for exported, selector in found:
+            kind, labels = DEFINED[base_name(exported)]
+            suffix = exported[len(base_name(exported)) :]
+            assert suffix in SUFFIXES[kind], f"{title}: a {kind} is exported with {SUFFIXES[kind]}, not {exported!r}"
+            matchers = {label: (op, value) for label, op, value in MATCHER.findall(selector)}
+            assert matchers.get("model") == ("=~", "$model"), f"{title}: {exported} lacks model=~\"$model\""
+            if "replica" in labels:
+                assert matchers.get("replica") == ("=~", "$replica"), f"{title}: {exported} lacks replica=~\"$replica\""
+            allowed = labels | ({"le"} if kind == "histogram" else set())
+            assert set(matchers) <= allowed, f"{title}: {exported} has no label {set(matchers) - allowed}"
+        # Grouping labels must exist on the series the expression reads.
+        allowed = set().union(*(DEFINED[base_name(m)][1] for m, _ in found)) | {"le"}
+        for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+            by = {g.strip() for g in group.split(",") if g.strip()}
+            assert by <= allowed, f"{title}: groups by {by - allowed}, which {expr} does not carry"
+
+
+def test_histograms_are_charted_as_quantiles_over_le():
+    for title, expr in EXPRS:
+        if "_bucket" in expr:
+            assert re.search(r"histogram_quantile\(0\.\d+,\s*sum by \([^)]*\ble\b[^)]*\) \(rate\(", expr), (title, expr)
 
 
 def test_panels_have_titles_and_use_the_datasource_variable():
-    panels = [p for p in DASHBOARD["panels"] if p["type"] != "row"]
-    assert panels
-    for p in panels:
-        assert p["title"]
-        assert p["datasource"]["uid"] == "${datasource}"
-        assert all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"])
+    assert CHARTS
+    for p in PANELS:
+        assert p.get("title"), p
+    for p in CHARTS:
+        assert p["datasource"]["uid"] == DATASOURCE, p["title"]
+        assert p["targets"], p["title"]
+        assert all(t["datasource"]["uid"] == DATASOURCE for t in p["targets"]), p["title"]
+
+
+def test_dashboard_identity_rows_and_variables():
+    assert (DASHBOARD["uid"], DASHBOARD["title"]) == ("shardserve", "shardserve")
+    assert [p["title"] for p in PANELS if p["type"] == "row"] == ["Traffic", "Latency", "Engine", "Prefix cache"]
+    assert len({p["id"] for p in PANELS}) == len(PANELS)
+    variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("model", "replica"):
+        v = variables[name]
+        assert v["datasource"]["uid"] == DATASOURCE
+        assert re.fullmatch(rf"label_values\(ray_shardserve_running_sequences(\{{.*\}})?, {name}\)", v["query"]["query"])
