@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from ray.util import metrics
 
-# Seconds; spans a fast CPU token (ms) to a long generation (minutes).
-LATENCY_BOUNDARIES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120, 300]
+# Seconds; spans a fast GPU token (1 ms) to a long generation (minutes).
+LATENCY_BOUNDARIES = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120, 300]
 
 
 class RouterMetrics:
