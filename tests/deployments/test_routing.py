@@ -52,7 +52,7 @@ def test_load_spreads_when_the_prefix_owner_is_saturated(served):
                 body = {
                     "model": "tiny",
                     "messages": [{"role": "system", "content": "[burst] " + SYSTEM}, {"role": "user", "content": f"q{i}"}],
-                    "max_tokens": 48,
+                    "max_tokens": 300,  # long enough that all 24 are in flight at once
                     "temperature": 0,
                     "ignore_eos": True,
                 }
