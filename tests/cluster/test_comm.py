@@ -6,7 +6,6 @@ threads (ShmGroup does not care whether its peers are threads or processes).
 
 import hashlib
 import os
-import socket
 import threading
 import time
 from datetime import timedelta
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cluster.comm import SEGMENT_PREFIX, SHM_DIR, GlooGroup, ShmGroup, shm_supported
+from tests.ports import free_port
 
 SIZES = (1, 576, 4608, 18432)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -47,12 +47,6 @@ def test_leftover_check_sees_segments_this_process_creates():
     finally:
         ShmGroup.unlink_segment(name)
     assert name not in _segments()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(call: int, world: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -138,7 +132,7 @@ def test_collectives_across_processes(kind, world, tmp_path):
     segment = ShmGroup.create_segment(world, MAX_ELEMS) if kind == "shm" else None
     try:
         mp.spawn(
-            _run_collectives, args=(world, kind, segment, _free_port(), str(tmp_path)), nprocs=world, join=True
+            _run_collectives, args=(world, kind, segment, free_port(), str(tmp_path)), nprocs=world, join=True
         )
     finally:
         if segment is not None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.deployments.served_app import APP_ARGS, PROMPT, Served, free_port
+from tests.deployments.served_app import APP_ARGS, PROMPT, Served
+from tests.ports import free_port
 from tests.reference import hf_greedy
 
 

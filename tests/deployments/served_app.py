@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 API_KEY = "test-key"
@@ -20,9 +19,3 @@ APP_ARGS = {
 class Served:
     http: str  # base URL
     grpc: str  # host:port
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -11,8 +11,6 @@ models' init (tests/tiny_models.py) keeps top logits O(0.1) apart so argmax is n
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from model.config import ModelSpec
 from model.layers import SingleGroup
 from model.loader import ShardInfo, load_model
+from tests.ports import free_port
 from tests.tiny_models import PagedRunner, make_tiny_gpt2, make_tiny_llama
 
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46], [26, 43, 38], [27, 18, 28, 18, 28, 45, 90]]
@@ -162,19 +161,13 @@ def _tp_worker(rank: int, world: int, port: int, paths: dict, out_file: str) -> 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tensor_parallel_2_matches_single_process(checkpoints, tmp_path):
     """tp=2 over: llama with 2 KV heads (split), with 1 KV head (replicated) and tied embeddings, qwen2
     (q/k/v biases), and gpt2 (vocab 509 not divisible by 2, row-parallel biases added once)."""
     names = ["llama", "llama_tied_kv1", "qwen2_bias", "gpt2"]
     paths = {n: str(checkpoints[n]) for n in names}
     out_file = str(tmp_path / "tp.pt")
-    mp.start_processes(_tp_worker, args=(2, _free_port(), paths, out_file), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_tp_worker, args=(2, free_port(), paths, out_file), nprocs=2, join=True, start_method="spawn")
     tp_results = torch.load(out_file)
     for name in names:
         tokens1, logits1 = run_script(PagedRunner(*load_single(checkpoints[name])))
