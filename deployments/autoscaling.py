@@ -11,12 +11,14 @@ back to the target; Serve applies the config's bounds and delays around it.
 from __future__ import annotations
 
 
+def kv_cache_usage(stats: dict) -> float:
+    """Share of the engine's KV blocks held by sequences (cached-but-free prefix blocks count as free)."""
+    return (stats["kv_blocks_total"] - stats["kv_blocks_free"]) / stats["kv_blocks_total"]
+
+
 def engine_utilization(stats: dict, max_num_seqs: int) -> float:
     """1.0 = the batch or the KV cache is full; waiting sequences count as extra load."""
-    batch = stats["running"] / max_num_seqs
-    kv_used = stats["kv_blocks_total"] - stats["kv_blocks_free"]
-    kv = kv_used / stats["kv_blocks_total"]
-    return max(batch, kv) + stats["waiting"] / max_num_seqs
+    return max(stats["running"] / max_num_seqs, kv_cache_usage(stats)) + stats["waiting"] / max_num_seqs
 
 
 class EngineUtilizationPolicy:

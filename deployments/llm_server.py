@@ -47,20 +47,17 @@ class LLMServer:
         self.metrics = ReplicaMetrics(model_name, self.replica)
         self._report_task: asyncio.Task | None = None
 
-    def _utilization(self) -> float:
-        return engine_utilization(self.engine.stats(), self.max_num_seqs)
-
     def _ensure_reporting(self) -> None:
         if self._report_task is None or self._report_task.done():
             self._report_task = asyncio.get_running_loop().create_task(self._report())
 
     async def _report(self) -> None:
         while True:
-            self.metrics.engine(self.engine.stats(), self._utilization())
+            self.metrics.engine(self.engine.stats(), self.max_num_seqs)
             await asyncio.sleep(METRICS_PERIOD_S)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        return {"engine_utilization": self._utilization()}
+        return {"engine_utilization": engine_utilization(self.engine.stats(), self.max_num_seqs)}
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """Stream deltas for one request; the first item is {"error": ...} when it cannot run."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from ray.util import metrics
 
+from deployments.autoscaling import engine_utilization, kv_cache_usage
+
 # Seconds; spans a fast GPU token (1 ms) to a long generation (minutes).
 LATENCY_BOUNDARIES = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120, 300]
 
@@ -63,12 +65,11 @@ class ReplicaMetrics:
                   self.waiting, self.kv_usage, self.engine_utilization, *self.engine_counters.values()):  # fmt: skip
             m.set_default_tags(tags)
 
-    def engine(self, stats: dict, utilization: float) -> None:
+    def engine(self, stats: dict, max_num_seqs: int) -> None:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
-        used = stats["kv_blocks_total"] - stats["kv_blocks_free"]
-        self.kv_usage.set(used / stats["kv_blocks_total"])
-        self.engine_utilization.set(utilization)
+        self.kv_usage.set(kv_cache_usage(stats))
+        self.engine_utilization.set(engine_utilization(stats, max_num_seqs))
         for key, counter in self.engine_counters.items():
             delta = stats[key] - self._last_counts[key]
             if delta > 0:

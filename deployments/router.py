@@ -375,7 +375,7 @@ class Router:
             return pb.ListModelsResponse()
         self.metrics.request("ListModels", grpc.StatusCode.OK.name)
         card = self._model_card()
-        return pb.ListModelsResponse(models=[pb.ModelCard(id=card["id"], created=card["created"], owned_by="shardserve")])
+        return pb.ListModelsResponse(models=[pb.ModelCard(id=card["id"], created=card["created"], owned_by=card["owned_by"])])
 
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
         return pb.HealthResponse(status="ok")
