@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+
+import httpx
 
 API_KEY = "test-key"
 PROMPT = "The quick brown fox"
@@ -19,3 +22,33 @@ APP_ARGS = {
 class Served:
     http: str  # base URL
     grpc: str  # host:port
+
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def greedy_chat(system: str, question: str, max_tokens: int) -> dict:
+    """A greedy /v1/chat/completions body: a system prompt and one question."""
+    return {
+        "model": "tiny",
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+
+
+def post_chats(base_url: str, bodies: list[dict], timeout: float = 300) -> list[str]:
+    """Send the chat bodies all at once; the replica that served each, in order."""
+
+    async def main():
+        async with httpx.AsyncClient(timeout=timeout) as client:
+
+            async def one(body):
+                r = await client.post(base_url + "/v1/chat/completions", json=body, headers=AUTH)
+                r.raise_for_status()
+                return r.headers["x-shardserve-replica"]
+
+            return await asyncio.gather(*(one(b) for b in bodies))
+
+    return asyncio.run(main())

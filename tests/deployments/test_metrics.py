@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import httpx
 import ray
 
-from tests.deployments.served_app import API_KEY
+from tests.deployments.served_app import AUTH, greedy_chat, post_chats
 
 SYSTEM = "Answer in the voice of a lighthouse keeper who has seen every storm. " * 6
 
@@ -50,29 +49,11 @@ def scrape() -> dict[str, float]:
 
 
 def test_metrics_reach_rays_prometheus_export(served):
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-
-    async def burst():
-        # One shared system prompt keeps them on one replica (prefix affinity) and gives prefix-cache
-        # hits; together they need more than its 256 KV blocks, so the engine must preempt.
-        async with httpx.AsyncClient(timeout=300) as client:
-
-            async def one(i, max_tokens=650):
-                body = {
-                    "model": "tiny",
-                    "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"storm {i}"}],
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                    "ignore_eos": True,
-                }
-                r = await client.post(served.http + "/v1/chat/completions", json=body, headers=headers)
-                r.raise_for_status()
-
-            await one(-1, max_tokens=1)  # a replica takes ownership of the prefix
-            await asyncio.gather(*(one(i) for i in range(9)))
-
-    asyncio.run(burst())
-    httpx.post(served.http + "/v1/completions", json={"model": "nope", "prompt": "x"}, headers=headers, timeout=60)
+    # One shared system prompt keeps them on one replica (prefix affinity) and gives prefix-cache
+    # hits; together they need more than its 256 KV blocks, so the engine must preempt.
+    post_chats(served.http, [greedy_chat(SYSTEM, "storm -1", max_tokens=1)])  # a replica takes the prefix
+    post_chats(served.http, [greedy_chat(SYSTEM, f"storm {i}", max_tokens=650) for i in range(9)])
+    httpx.post(served.http + "/v1/completions", json={"model": "nope", "prompt": "x"}, headers=AUTH, timeout=60)
 
     deadline = time.monotonic() + 90
     while True:

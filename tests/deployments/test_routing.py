@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
-import httpx
-
 from deployments.request_router import prefix_keys, prompt_text
-from tests.deployments.served_app import API_KEY
+from tests.deployments.served_app import greedy_chat, post_chats
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 SYSTEM = "You are a careful assistant for the fleet operations team. " * 8  # ~480 characters
 
 
@@ -22,17 +17,8 @@ def test_prefix_keys_share_a_prefix_and_ignore_short_prompts():
     assert chat == "<|system|>S<|user|>U"
 
 
-def chat(base_url: str, system: str, question: str, max_tokens: int = 2) -> str:
-    body = {
-        "model": "tiny",
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-    }
-    r = httpx.post(base_url + "/v1/chat/completions", json=body, headers=AUTH, timeout=120)
-    r.raise_for_status()
-    return r.headers["x-shardserve-replica"]
+def chat(base_url: str, system: str, question: str) -> str:
+    return post_chats(base_url, [greedy_chat(system, question, max_tokens=2)])[0]
 
 
 def test_requests_sharing_a_long_prefix_stay_on_one_replica(served):
@@ -45,23 +31,7 @@ def test_requests_sharing_a_long_prefix_stay_on_one_replica(served):
 def test_load_spreads_when_the_prefix_owner_is_saturated(served):
     chat(served.http, "[burst] " + SYSTEM, "warm up")  # some replica now owns this prefix
 
-    async def burst():
-        async with httpx.AsyncClient(timeout=120) as client:
-
-            async def one(i):
-                body = {
-                    "model": "tiny",
-                    "messages": [{"role": "system", "content": "[burst] " + SYSTEM}, {"role": "user", "content": f"q{i}"}],
-                    "max_tokens": 300,  # long enough that all 24 are in flight at once
-                    "temperature": 0,
-                    "ignore_eos": True,
-                }
-                r = await client.post(served.http + "/v1/chat/completions", json=body, headers=AUTH)
-                r.raise_for_status()
-                return r.headers["x-shardserve-replica"]
-
-            return await asyncio.gather(*(one(i) for i in range(24)))
-
-    replicas = asyncio.run(burst())
+    # 300 tokens each: long enough that all 24 are in flight at once.
+    replicas = post_chats(served.http, [greedy_chat("[burst] " + SYSTEM, f"q{i}", max_tokens=300) for i in range(24)])
     # max_imbalance is 32 // 4 = 8: past that, the owner's lead sends work to the other replica.
     assert len(set(replicas)) == 2, replicas
