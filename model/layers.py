@@ -90,25 +90,36 @@ def activation(name: str):
     raise ValueError(f"hidden_act {name!r} is not supported")
 
 
-def matmul(x: Tensor, weight: Tensor | None, weight_t: Tensor | None, bias: Tensor | None) -> Tensor:
-    """x A^T + b, from A as loaded ([out, in]) or, once transposed, from A^T ([in, out])."""
-    if weight_t is None:
+def onednn_packing_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether linear weights on `device` in `dtype` can be packed for oneDNN (see _Linear)."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def matmul(x: Tensor, weight: Tensor | None, packed: Tensor | None, bias: Tensor | None) -> Tensor:
+    """x A^T + b, from A as loaded ([out, in]) or, once packed, from oneDNN's layout of it."""
+    if packed is None:
         return F.linear(x, weight, bias)
-    return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 class _Linear(nn.Module):
-    """Loads ``weight`` as [out, in], the checkpoint's layout; ``transpose_weight`` re-lays it as [in, out].
+    """Loads ``weight`` as [out, in], the checkpoint's layout; ``pack_weight`` re-lays it for oneDNN.
 
-    Why: in float32 on CPU, a one-token matmul streams an [in, out] weight 1.35x faster (2.2x for
-    the 49k-row LM head) than F.linear does an [out, in] one, and decode at batch 1 is all
-    such matmuls. Batched steps of 4-32 tokens pay 10-20% for it; see BENCHMARKS.md.
+    Why: on CPU, oneDNN's blocked weight layout gives kernels that use every torch thread even
+    for one token and stream the weights faster than F.linear. SmolLM2's 30 layers on 2 cores
+    (bench/bench_linear.py): 1.4-2.0x faster in float32 from 1 to 512 tokens per step, 1.1-1.35x
+    in bfloat16.
     """
 
-    weight_t: Tensor | None = None
+    packed: Tensor | None = None
 
-    def transpose_weight(self, keep_original: bool = False) -> None:
-        self.weight_t = self.weight.detach().t().contiguous()
+    def pack_weight(self, keep_original: bool = False) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
         if not keep_original:
             del self.weight  # one copy of the weights, not two
 
@@ -135,7 +146,7 @@ class ColumnParallelLinear(_Linear):
         return param.numel()
 
     def forward(self, x: Tensor) -> Tensor:
-        return matmul(x, getattr(self, "weight", None), self.weight_t, self.bias)
+        return matmul(x, getattr(self, "weight", None), self.packed, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -191,7 +202,7 @@ class QKVParallelLinear(_Linear):
         _attach(self.bias, self.weight_loader)
 
     def forward(self, x: Tensor) -> Tensor:
-        return matmul(x, getattr(self, "weight", None), self.weight_t, self.bias)
+        return matmul(x, getattr(self, "weight", None), self.packed, self.bias)
 
     def weight_loader(self, param: Tensor, source, shard_id=None) -> int:
         hd = self.head_dim
@@ -230,7 +241,7 @@ class RowParallelLinear(_Linear):
         return param.numel()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = matmul(x, getattr(self, "weight", None), self.weight_t, self.bias)
+        y = matmul(x, getattr(self, "weight", None), self.packed, self.bias)
         return self.tp.all_reduce(y) if self.tp.size > 1 else y
 
 
@@ -269,11 +280,11 @@ class VocabParallelEmbedding(_VocabParallel):
 
 
 class ParallelLMHead(_VocabParallel):
-    weight_t: Tensor | None = None
-    transpose_weight = _Linear.transpose_weight  # when tied, the embedding keeps the original
+    packed: Tensor | None = None
+    pack_weight = _Linear.pack_weight  # when tied, the embedding keeps the original
 
     def forward(self, hidden: Tensor) -> Tensor:  # (N, hidden) -> (N, vocab_size) float32, full vocab
-        logits = matmul(hidden, getattr(self, "weight", None), self.weight_t, None)  # (N, vocab_size_per_partition)
+        logits = matmul(hidden, getattr(self, "weight", None), self.packed, None)  # (N, vocab_size_per_partition)
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)
         if self.vocab_size_padded != self.vocab_size:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from model.config import ModelSpec, check_tensor_parallel
 from model.gpt2 import GPT2ForCausalLM
-from model.layers import CheckpointRef, TPGroup, VocabParallelEmbedding
+from model.layers import CheckpointRef, TPGroup, VocabParallelEmbedding, onednn_packing_available
 from model.llama import LlamaForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -143,14 +143,14 @@ def load_model(model_dir: str | Path, spec: ModelSpec, shard: ShardInfo, tp: TPG
         for pname, p in module._parameters.items():
             if p is not None:
                 module._parameters[pname] = filled[id(p)]
-    if dtype == torch.float32 and torch.device(device).type == "cpu":
-        transpose_linear_weights(model)
+    if onednn_packing_available(device, dtype):
+        pack_linear_weights(model)
     return model.eval(), report
 
 
-def transpose_linear_weights(model: nn.Module) -> None:
-    """Lay every linear weight out as [in, out] (see layers._Linear for why: fp32 decode on CPU)."""
+def pack_linear_weights(model: nn.Module) -> None:
+    """Re-lay every linear weight (and the LM head) for oneDNN; see layers._Linear for why."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, VocabParallelEmbedding)}
     for module in model.modules():
-        if hasattr(module, "transpose_weight"):
-            module.transpose_weight(keep_original=id(module.weight) in embeddings)
+        if hasattr(module, "pack_weight"):
+            module.pack_weight(keep_original=id(module.weight) in embeddings)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from model.attention import AttentionMetadata, allocate_kv_cache, paged_attention
 from model.layers import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                          RowParallelLinear, SingleGroup, VocabParallelEmbedding, divide)
+                          RowParallelLinear, SingleGroup, VocabParallelEmbedding, divide, onednn_packing_available)
 
 
 class SimRank:
@@ -138,6 +138,37 @@ def test_vocab_parallel_embedding_and_lm_head_with_padding(tp):
     _load(single, weight=table)
     out = single(h.to(torch.float32))
     assert out.shape == (2, vocab) and out.dtype == torch.float32
+
+
+@pytest.mark.skipif(not onednn_packing_available("cpu", torch.float32), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, {}), (torch.bfloat16, {"atol": 2e-2, "rtol": 2e-2})])
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_packed_weights_compute_what_the_loaded_ones_do(dtype, tol, rows):
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 16, dtype=dtype), torch.randn(24, dtype=dtype)
+    x = torch.randn(16, rows, dtype=dtype).t()  # a strided input, as attention's output can be
+    col = ColumnParallelLinear(16, 24, True, SingleGroup(), dtype)
+    row = RowParallelLinear(24, 16, False, SingleGroup(), dtype)
+    _load(col, weight=w, bias=b)
+    _load(row, weight=w.t().contiguous())
+    expected = row(col(x))
+    col.pack_weight()
+    row.pack_weight()
+    assert col.packed is not None and not hasattr(col, "weight")  # one copy of the weights
+    torch.testing.assert_close(row(col(x)), expected, **tol)
+
+
+@pytest.mark.skipif(not onednn_packing_available("cpu", torch.float32), reason="this torch build has no oneDNN")
+def test_packed_tied_lm_head_leaves_the_embedding_its_table():
+    torch.manual_seed(0)
+    table, ids, h = torch.randn(40, 8), torch.tensor([0, 39, 7]), torch.randn(3, 8)
+    emb = VocabParallelEmbedding(40, 8, SingleGroup(), torch.float32)
+    head = ParallelLMHead(40, 8, SingleGroup(), torch.float32)
+    _load(emb, weight=table)
+    head.weight = emb.weight  # tied, as the model builds it
+    head.pack_weight(keep_original=True)
+    torch.testing.assert_close(emb(ids), table[ids])
+    torch.testing.assert_close(head(h), h @ table.T)
 
 
 def test_loader_rejects_wrong_shape():
