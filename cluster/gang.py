@@ -120,8 +120,8 @@ class Gang:
         """Run one step on every worker; only the last stage's tp_rank 0 returns anything."""
         if self.broken is not None:
             raise GangError(f"gang is broken: {self.broken}")
-        ref = ray.put(step)
-        refs = [w.execute.remote(ref) for w in self.workers]
+        # Passed by value: a step is a few KB, and ray.put would cost more than sending it inline.
+        refs = [w.execute.remote(step) for w in self.workers]
         try:
             results = await asyncio.gather(*refs)
         except Exception as e:  # a dead actor, or an error inside a step

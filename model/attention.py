@@ -81,6 +81,14 @@ def write_kv(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> No
     kv_cache[1].view(-1, nkv, hd).index_copy_(0, slot_mapping, v)
 
 
+def gather_blocks(kv_cache: Tensor, block_ids: Tensor) -> Tensor:
+    """(2, B, nblk * block_size, nkv, hd): the blocks of B sequences, each as one run of positions.
+    index_select on the flat ids copies 2-3x faster than indexing with the (B, nblk) table."""
+    _, _, bs, nkv, hd = kv_cache.shape
+    b, nblk = block_ids.shape
+    return kv_cache.index_select(1, block_ids.reshape(-1)).view(2, b, nblk * bs, nkv, hd)
+
+
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
     """q (T, nh, hd), k/v (T, nkv, hd); returns (T, nh * hd). Writes k/v into the cache first."""
     T, nh, hd = q.shape
@@ -91,7 +99,7 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: Att
     if nd:
         plan = meta.decode_plan()
         # Gather whole blocks, then view them as one run of positions per sequence.
-        kv = kv_cache[:, plan.block_ids].flatten(2, 3)[:, :, : plan.kv_len]  # (2, D, L, nkv, hd)
+        kv = gather_blocks(kv_cache, plan.block_ids)[:, :, : plan.kv_len]  # (2, D, L, nkv, hd)
         kv = kv.transpose(2, 3)  # (2, D, nkv, L, hd)
         # One query per sequence: fold each KV head's query group into the query-length axis, so GQA
         # needs no expansion of k/v and the (D, 1, 1, L) mask broadcasts over heads and group.
@@ -99,15 +107,17 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: Att
         o = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=plan.mask, scale=scale)
         outs.append(o.reshape(nd, nh * hd))
     for p in meta.prefill_plans():
-        qp = q[p.start : p.start + p.length].transpose(0, 1)  # (nh, n, hd)
+        # 4-d (batch of one): on CPU only 4-d inputs get the flash kernel; 3-d ones fall back to the
+        # math path, 1.5-3.5x slower for 128-512 tokens.
+        qp = q[p.start : p.start + p.length].transpose(0, 1)[None]  # (1, nh, n, hd)
         if p.block_ids is None:  # the chunk is the whole context so far: attend to its own k/v
-            kp = k[p.start : p.start + p.length].transpose(0, 1)  # (nkv, n, hd)
-            vp = v[p.start : p.start + p.length].transpose(0, 1)
+            kp = k[p.start : p.start + p.length].transpose(0, 1)[None]  # (1, nkv, n, hd)
+            vp = v[p.start : p.start + p.length].transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kv = kv_cache[:, p.block_ids].flatten(1, 2)[:, : p.context_len].transpose(1, 2)  # (2, nkv, ctx, hd)
+            kv = gather_blocks(kv_cache, p.block_ids[None])[:, :, : p.context_len].transpose(2, 3)  # (2, 1, nkv, ctx, hd)
             o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=p.mask, scale=scale, enable_gqa=True)
-        outs.append(o.transpose(0, 1).reshape(p.length, nh * hd))
+        outs.append(o[0].transpose(0, 1).reshape(p.length, nh * hd))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
