@@ -6,7 +6,8 @@ Measures, per dtype:
     decode only (time between the first and last streamed token for shardserve; for transformers,
     time of N new tokens minus time of 1 new token), and the share of read bandwidth that implies
     (weight bytes read per token x tok/s / bandwidth);
-  * throughput on one mixed workload (fixed-seed random prompts of mixed length, mixed output length):
+  * throughput on each of two mixed workloads (fixed-seed random prompts of mixed length, mixed output
+    length; "short" answers where prefill dominates, "long" ones where decode does):
     shardserve with all requests submitted at once; transformers one request at a time (estimated
     from a subset, stated in the output); transformers in padded static batches (left padding,
     attention mask, max_new_tokens = the batch's longest; only useful tokens counted).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -39,10 +41,18 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
+class Mix:
+    """One throughput workload: prompt and output lengths drawn uniformly from inclusive ranges."""
+
+    name: str
+    prompt_len: tuple[int, int]
+    output_len: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class Settings:
-    num_requests: int  # the throughput workload's request count (all submitted at once)
-    prompt_len: tuple[int, int]  # inclusive range
-    output_len: tuple[int, int]  # inclusive range
+    num_requests: int  # each throughput workload's request count (all submitted at once)
+    mixes: tuple[Mix, ...]
     decode_prompt: int  # batch-1 decode: prompt length
     decode_tokens: int  # batch-1 decode: new tokens
     decode_repeats: int  # best of this many
@@ -50,10 +60,12 @@ class Settings:
     static_batch: int  # transformers padded static batch size
 
 
-# Sized so a default run of both dtypes and three layouts stays within ~8 minutes on 2 cores
-# (transformers' padded batch and one-at-a-time runs dominate); --quick is about half that.
-FULL = Settings(32, (16, 128), (8, 32), 32, 32, 2, 3, 32)
-QUICK = Settings(32, (16, 64), (8, 16), 16, 16, 1, 2, 32)
+# Two mixes: "short" answers (outputs shorter than prompts, so prefill dominates) and "long" ones
+# (outputs up to 128 tokens, as chat answers run). Sized so a default run of both dtypes and three
+# layouts stays within ~10 minutes on 2 cores (transformers' padded batches and one-at-a-time runs
+# dominate); --quick runs one small mix.
+FULL = Settings(32, (Mix("short", (16, 128), (8, 32)), Mix("long", (16, 256), (16, 128))), 32, 32, 2, 3, 32)
+QUICK = Settings(32, (Mix("short", (16, 64), (8, 16)),), 16, 16, 1, 2, 32)
 
 
 # -- measurements shared by both sides ------------------------------------------------------
@@ -89,13 +101,13 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-def workload(settings: Settings, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+def workload(num_requests: int, mix: Mix, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
     """(prompt token ids, output length) per request; fixed seed, ids drawn from the lower vocabulary."""
     rng = random.Random(seed)
     reqs = []
-    for _ in range(settings.num_requests):
-        n = rng.randint(*settings.prompt_len)
-        reqs.append(([rng.randrange(100, min(vocab, 40000)) for _ in range(n)], rng.randint(*settings.output_len)))
+    for _ in range(num_requests):
+        n = rng.randint(*mix.prompt_len)
+        reqs.append(([rng.randrange(100, min(vocab, 40000)) for _ in range(n)], rng.randint(*mix.output_len)))
     return reqs
 
 
@@ -115,7 +127,7 @@ async def _engine_stream(engine, prompt, max_tokens) -> tuple[int, float, float]
     return n, first, last
 
 
-async def bench_engine(model_dir, tp: int, pp: int, dtype: str, settings: Settings, reqs, decode_prompt) -> dict:
+async def bench_engine(model_dir, tp: int, pp: int, dtype: str, settings: Settings, workloads: dict, decode_prompt) -> dict:
     from cluster.engine import EngineConfig, LLMEngine
 
     t0 = time.perf_counter()
@@ -136,18 +148,15 @@ async def bench_engine(model_dir, tp: int, pp: int, dtype: str, settings: Settin
         for _ in range(settings.decode_repeats):
             n, first, last = await _engine_stream(engine, decode_prompt, settings.decode_tokens)
             rates.append((n - 1) / (last - first))
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(_engine_stream(engine, p, m) for p, m in reqs))
-        wall = time.perf_counter() - t0
-        tokens = sum(r[0] for r in results)
-        assert tokens == sum(m for _, m in reqs), "every request must produce exactly max_tokens"
-        return {
-            "startup_s": startup,
-            "decode_tok_s": max(rates),
-            "throughput_tok_s": tokens / wall,
-            "throughput_wall_s": wall,
-            "throughput_tokens": tokens,
-        }
+        throughput = {}
+        for name, reqs in workloads.items():
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(_engine_stream(engine, p, m) for p, m in reqs))
+            wall = time.perf_counter() - t0
+            tokens = sum(r[0] for r in results)
+            assert tokens == sum(m for _, m in reqs), "every request must produce exactly max_tokens"
+            throughput[name] = {"tok_s": tokens / wall, "wall_s": wall, "tokens": tokens}
+        return {"startup_s": startup, "decode_tok_s": max(rates), "throughput": throughput}
     finally:
         await engine.shutdown()
 
@@ -169,11 +178,15 @@ def _hf_generate(model, input_ids, attention_mask, new_tokens: int) -> float:
     return dt
 
 
-def bench_transformers(model, settings: Settings, reqs, decode_prompt) -> dict:
-    torch.set_num_threads(CORES)
-    one = lambda ids: (torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))  # noqa: E731
+def _single(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One unpadded request as transformers takes it: input ids and its attention mask."""
+    return torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
 
-    ids, mask = one(decode_prompt)
+
+def bench_transformers(model, settings: Settings, workloads: dict, decode_prompt) -> dict:
+    torch.set_num_threads(CORES)
+
+    ids, mask = _single(decode_prompt)
     _hf_generate(model, ids, mask, 4)  # warm-up
     rates = []
     for _ in range(settings.decode_repeats):
@@ -181,6 +194,11 @@ def bench_transformers(model, settings: Settings, reqs, decode_prompt) -> dict:
         t_all = _hf_generate(model, ids, mask, settings.decode_tokens)
         rates.append((settings.decode_tokens - 1) / (t_all - t_prefill))
 
+    mixes = {name: _hf_throughput(model, settings, reqs) for name, reqs in workloads.items()}
+    return {"decode_tok_s": max(rates), "mixes": mixes}
+
+
+def _hf_throughput(model, settings: Settings, reqs) -> dict:
     # One at a time: time a subset spread over the prompt lengths, and rate the whole by its tok/s.
     order = sorted(range(len(reqs)), key=lambda i: len(reqs[i][0]))
     k = settings.sequential_subset
@@ -188,7 +206,7 @@ def bench_transformers(model, settings: Settings, reqs, decode_prompt) -> dict:
     seq_time = seq_tokens = 0
     for i in subset:
         prompt, m = reqs[i]
-        seq_time += _hf_generate(model, *one(prompt), m)
+        seq_time += _hf_generate(model, *_single(prompt), m)
         seq_tokens += m
 
     # Padded static batches, left padding, in arrival order; useful tokens only.
@@ -204,7 +222,6 @@ def bench_transformers(model, settings: Settings, reqs, decode_prompt) -> dict:
         static_time += _hf_generate(model, input_ids, attention, max(m for _, m in chunk))
     useful = sum(m for _, m in reqs)
     return {
-        "decode_tok_s": max(rates),
         "sequential_tok_s": seq_tokens / seq_time,
         "sequential_subset_prompt_lens": [len(reqs[i][0]) for i in subset],
         "static_tok_s": useful / static_time,
@@ -270,7 +287,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     results: dict = {
         "machine": {"cores": CORES, "platform": platform.platform(), "torch": torch.__version__},
-        "settings": settings.__dict__,
+        "settings": dataclasses.asdict(settings),
         "model": args.model,
         "read_bandwidth_gbs": bandwidth,
         "loadavg_1m_at_start": os.getloadavg()[0],
@@ -281,18 +298,18 @@ def main(argv=None) -> int:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype]).eval()
             model.generation_config.eos_token_id = None
             wbytes = weight_bytes_per_token(model)
-            reqs = workload(settings, model.config.vocab_size)
+            workloads = {m.name: workload(settings.num_requests, m, model.config.vocab_size) for m in settings.mixes}
             rng = random.Random(7)
             decode_prompt = [rng.randrange(100, 40000) for _ in range(settings.decode_prompt)]
             entry = {"weight_bytes_per_token": wbytes, "engine": {}}
             for tp, pp in layouts:  # engines first, each shut down before the next and before transformers
                 print(f"[{dtype}] shardserve tp={tp} pp={pp} ...", flush=True)
-                entry["engine"][f"{tp}x{pp}"] = asyncio.run(bench_engine(model_dir, tp, pp, dtype, settings, reqs, decode_prompt))
+                entry["engine"][f"{tp}x{pp}"] = asyncio.run(bench_engine(model_dir, tp, pp, dtype, settings, workloads, decode_prompt))
                 entry["engine"][f"{tp}x{pp}"]["loadavg_1m_after"] = os.getloadavg()[0]
                 print(f"  {entry['engine'][f'{tp}x{pp}']}", flush=True)
             time.sleep(1.0)  # let the killed workers' processes exit
             print(f"[{dtype}] transformers ...", flush=True)
-            entry["transformers"] = bench_transformers(model, settings, reqs, decode_prompt)
+            entry["transformers"] = bench_transformers(model, settings, workloads, decode_prompt)
             entry["transformers"]["loadavg_1m_after"] = os.getloadavg()[0]
             print(f"  {entry['transformers']}", flush=True)
             results["dtypes"][dtype] = entry
@@ -310,19 +327,23 @@ def main(argv=None) -> int:
 
 def render_table(results: dict, settings: Settings) -> str:
     bw = results["read_bandwidth_gbs"]
-    (p_lo, p_hi), (o_lo, o_hi) = settings.prompt_len, settings.output_len
+    n = settings.num_requests
     lines = [
         f"Read bandwidth (sum over 512 MB fp32, best of 5): {bw:.1f} GB/s; {results['machine']['cores']} cores.",
         f"Batch-1 decode: prompt {settings.decode_prompt} tokens, {settings.decode_tokens} new tokens, decode only.",
-        f"Throughput workload: {settings.num_requests} requests, prompt {p_lo}..{p_hi} tokens, "
-        f"output {o_lo}..{o_hi} tokens (fixed seed); transformers sequential estimated from "
-        f"{settings.sequential_subset} of them (tok/s of that subset).",
+    ]
+    for m in settings.mixes:
+        (p_lo, p_hi), (o_lo, o_hi) = m.prompt_len, m.output_len
+        lines.append(f"Mix {m.name!r}: {n} requests, prompt {p_lo}..{p_hi} tokens, output {o_lo}..{o_hi} tokens (fixed seed).")
+    lines += [
+        f"transformers sequential is estimated from {settings.sequential_subset} requests of each mix (tok/s of that subset).",
         f"Machine load (1-min load average) at start {results['loadavg_1m_at_start']:.1f}; "
         f"{CORES} cores, shared with other work: numbers move with it.",
         "",
         "| dtype | system | layout (tp x pp) | decode b=1 tok/s | share of read BW | "
-        f"{settings.num_requests}-concurrent tok/s | vs HF sequential | vs HF static batch |",
-        "|---|---|---|---|---|---|---|---|",
+        + " | ".join(f"{m.name}: {n}-concurrent tok/s | vs HF sequential | vs HF static batch" for m in settings.mixes)
+        + " |",
+        "|---|---|---|---|---|" + "---|---|---|" * len(settings.mixes),
     ]
     for dtype, e in results["dtypes"].items():
         hf = e["transformers"]
@@ -334,15 +355,16 @@ def render_table(results: dict, settings: Settings) -> str:
             if base_decode and lay != "1x1":
                 dec += f", {r['decode_tok_s'] / base_decode:.2f}x 1x1"
             dec += ")"
-            lines.append(
-                f"| {dtype} | shardserve | {tp} x {pp} | {dec} | {share(r['decode_tok_s'])} | "
-                f"{r['throughput_tok_s']:.1f} | {r['throughput_tok_s'] / hf['sequential_tok_s']:.1f}x | "
-                f"{r['throughput_tok_s'] / hf['static_tok_s']:.2f}x |"
-            )
-        lines.append(
-            f"| {dtype} | transformers | - | {hf['decode_tok_s']:.1f} | {share(hf['decode_tok_s'])} | "
-            f"sequential (est.) {hf['sequential_tok_s']:.1f}; static batch {hf['static_tok_s']:.1f} | | |"
-        )
+            cells = []
+            for m in settings.mixes:
+                tok_s, h = r["throughput"][m.name]["tok_s"], hf["mixes"][m.name]
+                cells.append(f"{tok_s:.1f} | {tok_s / h['sequential_tok_s']:.1f}x | {tok_s / h['static_tok_s']:.2f}x")
+            lines.append(f"| {dtype} | shardserve | {tp} x {pp} | {dec} | {share(r['decode_tok_s'])} | " + " | ".join(cells) + " |")
+        cells = [
+            f"sequential (est.) {hf['mixes'][m.name]['sequential_tok_s']:.1f}; static batch {hf['mixes'][m.name]['static_tok_s']:.1f} | |"
+            for m in settings.mixes
+        ]
+        lines.append(f"| {dtype} | transformers | - | {hf['decode_tok_s']:.1f} | {share(hf['decode_tok_s'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -17,10 +17,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+# Decodes of very different lengths are attended in up to MAX_DECODE_GROUPS groups of similar length
+# (at least MIN_DECODE_GROUP each), so that short contexts do not gather and attend over the longest
+# one's padding. For 32 decodes of 100..380 tokens on CPU this halves the attention time.
+MAX_DECODE_GROUPS = 4
+MIN_DECODE_GROUP = 8
+
+
 class DecodePlan(NamedTuple):
-    block_ids: Tensor  # (D, nblk) blocks of the decoding sequences
-    kv_len: int  # positions to attend over (longest context among the decodes)
-    mask: Tensor | None  # (D, 1, 1, kv_len) bool, True = attend; None when every decode uses all kv_len
+    rows: Tensor | None  # (G,) which decodes this group holds; None = all of them, in order
+    block_ids: Tensor  # (G, nblk) blocks of those sequences
+    kv_len: int  # positions to attend over (the group's longest context)
+    mask: Tensor | None  # (G, 1, 1, kv_len) bool, True = attend; None when every one uses all kv_len
 
 
 class PrefillPlan(NamedTuple):
@@ -39,22 +47,32 @@ class AttentionMetadata:
     block_tables: Tensor  # (B, max_blocks) int64, padded with 0
     num_decodes: int
     block_size: int
-    _decode_plan: DecodePlan | None = field(default=None, init=False, repr=False, compare=False)
+    _decode_plans: list[DecodePlan] | None = field(default=None, init=False, repr=False, compare=False)
     _prefill_plans: list[PrefillPlan] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def decode_plan(self) -> DecodePlan:
-        if self._decode_plan is None:
-            nd, bs = self.num_decodes, self.block_size
-            lens = self.context_lens[:nd]
-            kv_len = max(lens)
-            nblk = -(-kv_len // bs)
-            mask = None
-            if min(lens) != kv_len:
+    def decode_plans(self) -> list[DecodePlan]:
+        if self._decode_plans is None:
+            lens = self.context_lens[: self.num_decodes]
+            groups = _group_by_length(lens)
+            if groups is None:
+                self._decode_plans = [self._decode_plan(None, lens)]
+            else:
                 device = self.block_tables.device
-                lens_t = torch.tensor(lens, device=device)
-                mask = (torch.arange(kv_len, device=device) < lens_t[:, None]).view(nd, 1, 1, kv_len)
-            self._decode_plan = DecodePlan(self.block_tables[:nd, :nblk], kv_len, mask)
-        return self._decode_plan
+                self._decode_plans = [
+                    self._decode_plan(torch.tensor(g, device=device), [lens[i] for i in g]) for g in groups
+                ]
+        return self._decode_plans
+
+    def _decode_plan(self, rows: Tensor | None, lens: list[int]) -> DecodePlan:
+        kv_len = max(lens)
+        nblk = -(-kv_len // self.block_size)
+        tables = self.block_tables[: len(lens)] if rows is None else self.block_tables.index_select(0, rows)
+        mask = None
+        if min(lens) != kv_len:
+            device = self.block_tables.device
+            lens_t = torch.tensor(lens, device=device)
+            mask = (torch.arange(kv_len, device=device) < lens_t[:, None]).view(len(lens), 1, 1, kv_len)
+        return DecodePlan(rows, tables[:, :nblk], kv_len, mask)
 
     def prefill_plans(self) -> list[PrefillPlan]:
         if self._prefill_plans is None:
@@ -73,6 +91,17 @@ class AttentionMetadata:
                 start += n
             self._prefill_plans = plans
         return self._prefill_plans
+
+
+def _group_by_length(lens: list[int]) -> list[list[int]] | None:
+    """Decode indices split into equal-count groups of similar length, or None when one group is as good."""
+    k = min(MAX_DECODE_GROUPS, len(lens) // MIN_DECODE_GROUP)
+    if k < 2:
+        return None
+    order = sorted(range(len(lens)), key=lens.__getitem__)
+    groups = [order[j * len(order) // k : (j + 1) * len(order) // k] for j in range(k)]
+    grouped_work = sum(len(g) * lens[g[-1]] for g in groups)
+    return groups if grouped_work < 0.9 * len(lens) * max(lens) else None
 
 
 def write_kv(k: Tensor, v: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
@@ -97,15 +126,23 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: Att
     outs = []
     nd = meta.num_decodes
     if nd:
-        plan = meta.decode_plan()
-        # Gather whole blocks, then view them as one run of positions per sequence.
-        kv = gather_blocks(kv_cache, plan.block_ids)[:, :, : plan.kv_len]  # (2, D, L, nkv, hd)
-        kv = kv.transpose(2, 3)  # (2, D, nkv, L, hd)
         # One query per sequence: fold each KV head's query group into the query-length axis, so GQA
-        # needs no expansion of k/v and the (D, 1, 1, L) mask broadcasts over heads and group.
+        # needs no expansion of k/v and the (G, 1, 1, L) mask broadcasts over heads and group.
         qd = q[:nd].view(nd, nkv, nh // nkv, hd)  # (D, nkv, group, hd)
-        o = F.scaled_dot_product_attention(qd, kv[0], kv[1], attn_mask=plan.mask, scale=scale)
-        outs.append(o.reshape(nd, nh * hd))
+        plans = meta.decode_plans()
+        od = None if len(plans) == 1 else q.new_empty(nd, nh * hd)
+        for plan in plans:
+            # Gather whole blocks, then view them as one run of positions per sequence.
+            kv = gather_blocks(kv_cache, plan.block_ids)[:, :, : plan.kv_len]  # (2, G, L, nkv, hd)
+            kv = kv.transpose(2, 3)  # (2, G, nkv, L, hd)
+            qg = qd if plan.rows is None else qd.index_select(0, plan.rows)
+            o = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=plan.mask, scale=scale)
+            o = o.reshape(-1, nh * hd)
+            if od is None:
+                od = o
+            else:
+                od.index_copy_(0, plan.rows, o)
+        outs.append(od)
     for p in meta.prefill_plans():
         # 4-d (batch of one): on CPU only 4-d inputs get the flash kernel; 3-d ones fall back to the
         # math path, 1.5-3.5x slower for 128-512 tokens.

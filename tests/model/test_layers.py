@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.attention import AttentionMetadata, allocate_kv_cache, paged_attention
+from model.attention import (MAX_DECODE_GROUPS, MIN_DECODE_GROUP, AttentionMetadata, allocate_kv_cache,
+                             paged_attention)
 from model.layers import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                           RowParallelLinear, SingleGroup, VocabParallelEmbedding, divide, onednn_packing_available)
 
@@ -189,15 +192,10 @@ def _reference_attention(q, k, v, scale):  # q (n, nh, hd), k/v (ctx, nkv, hd); 
     return torch.einsum("hqk,khd->qhd", att, v).reshape(n, -1)
 
 
-def test_paged_attention_matches_dense_for_mixed_batch():
-    """Three decodes of different lengths, a prefill chunk that continues cached context, and a fresh
-    prefill, with scattered (non-contiguous) blocks."""
-    torch.manual_seed(0)
-    nh, nkv, hd, bs = 4, 2, 8, 4
-    cache = allocate_kv_cache(1, 32, bs, nkv, hd, torch.float32, "cpu")[0]
-    # (context before this step, new tokens this step) per sequence; decodes first
-    seqs = [(6, 1), (1, 1), (9, 1), (5, 3), (0, 6)]
-    blocks = [[7, 2], [30], [4, 11, 20], [9, 15], [1, 25]]
+def _paged_vs_dense(seqs, blocks, num_decodes, nh=4, nkv=2, hd=8, bs=4):
+    """Run paged_attention on sequences given as (context before this step, new tokens), with their
+    blocks, after caching each prior context; returns (meta, output, dense reference)."""
+    cache = allocate_kv_cache(1, 1 + max(max(b) for b in blocks), bs, nkv, hd, torch.float32, "cpu")[0]
     full_k = [torch.randn(p + n, nkv, hd) for p, n in seqs]
     full_v = [torch.randn(p + n, nkv, hd) for p, n in seqs]
     for (prior, _), b, kk, vv in zip(seqs, blocks, full_k, full_v):  # the prior context is already cached
@@ -208,7 +206,8 @@ def test_paged_attention_matches_dense_for_mixed_batch():
     width = max(map(len, blocks))
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots), query_lens=[n for _, n in seqs], context_lens=[p + n for p, n in seqs],
-        block_tables=torch.tensor([b + [0] * (width - len(b)) for b in blocks]), num_decodes=3, block_size=bs)
+        block_tables=torch.tensor([b + [0] * (width - len(b)) for b in blocks]), num_decodes=num_decodes,
+        block_size=bs)
     q = torch.randn(sum(n for _, n in seqs), nh, hd)
     k = torch.cat([kk[p:] for (p, _), kk in zip(seqs, full_k)])
     v = torch.cat([vv[p:] for (p, _), vv in zip(seqs, full_v)])
@@ -217,9 +216,38 @@ def test_paged_attention_matches_dense_for_mixed_batch():
     for (p, n), kk, vv in zip(seqs, full_k, full_v):
         ref.append(_reference_attention(q[start : start + n], kk, vv, hd ** -0.5))
         start += n
-    torch.testing.assert_close(out, torch.cat(ref), rtol=1e-5, atol=1e-5)
-    # the per-step plan is computed once and reused by every layer
-    assert meta.decode_plan() is meta.decode_plan()
-    assert meta.prefill_plans() is meta.prefill_plans()
     # the new k/v were written at their slots
     torch.testing.assert_close(cache[0].view(-1, nkv, hd)[torch.tensor(slots)], k)
+    return meta, out, torch.cat(ref)
+
+
+def test_paged_attention_matches_dense_for_mixed_batch():
+    """Three decodes of different lengths, a prefill chunk that continues cached context, and a fresh
+    prefill, with scattered (non-contiguous) blocks."""
+    torch.manual_seed(0)
+    seqs = [(6, 1), (1, 1), (9, 1), (5, 3), (0, 6)]  # decodes first
+    blocks = [[7, 2], [30], [4, 11, 20], [9, 15], [1, 25]]
+    meta, out, ref = _paged_vs_dense(seqs, blocks, num_decodes=3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # the per-step plan is computed once and reused by every layer
+    assert meta.decode_plans() is meta.decode_plans()
+    assert meta.prefill_plans() is meta.prefill_plans()
+
+
+def test_paged_attention_groups_decodes_of_different_lengths():
+    """Many decodes of spread-out lengths are attended in several groups; the result is the same."""
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    lens = [rng.randint(0, 40) for _ in range(4 * MIN_DECODE_GROUP)]
+    seqs = [(n, 1) for n in lens] + [(3, 2)]  # and a prefill chunk after the decodes
+    free = list(range(1, 1000))
+    rng.shuffle(free)
+    blocks = [[free.pop() for _ in range(-(-(p + n) // 4))] for p, n in seqs]
+    meta, out, ref = _paged_vs_dense(seqs, blocks, num_decodes=len(lens))
+    plans = meta.decode_plans()
+    assert len(plans) == MAX_DECODE_GROUPS
+    assert sorted(torch.cat([p.rows for p in plans]).tolist()) == list(range(len(lens)))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # decodes of one length stay in one group
+    same, _, _ = _paged_vs_dense([(9, 1)] * 32, [[i + 1, i + 100, i + 200] for i in range(32)], num_decodes=32)
+    assert len(same.decode_plans()) == 1 and same.decode_plans()[0].rows is None
