@@ -289,14 +289,14 @@ class LLMEngine:
         width = max(len(e.seq.block_ids) for e in batch.entries)
         tables = [e.seq.block_ids + [0] * (width - len(e.seq.block_ids)) for e in batch.entries]
         return StepInput(
-            token_ids=torch.tensor(tokens, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            token_ids=tokens,
+            positions=positions,
+            slot_mapping=slots,
             query_lens=[e.num_new for e in batch.entries],
             context_lens=[e.start + e.num_new for e in batch.entries],
-            block_tables=torch.tensor(tables, dtype=torch.long),
+            block_tables=tables,
             num_decodes=batch.num_decodes,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long),
+            sample_rows=sample_rows,
             sampling=[s.params for s in sampled],
             seeds=[s.seed for s in sampled],
             steps=[len(s.output_ids) for s in sampled],
