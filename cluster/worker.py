@@ -32,8 +32,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class StepInput:
     """Everything a worker needs for one step; built once by the engine, sent to all workers.
 
-    Plain lists, not tensors: a step crosses a process boundary every time, and pickling a handful
-    of small tensors costs ~0.5 ms, a tenth of a one-token step of a small model.
+    Plain lists, not tensors: a step crosses a process boundary every time, and pickling and
+    unpickling a handful of small tensors costs ~0.55 ms per step, the same lists ~0.02 ms.
     """
 
     token_ids: list[int]  # (T,) sequences flattened, decodes first
