@@ -2,9 +2,9 @@
 
 The KV cache of one layer is a tensor (2, num_blocks, block_size, num_kv_heads, head_dim); a sequence's
 tokens live in the blocks its block table lists. Each step writes the new k/v at `slot_mapping`, then
-attends with at most 1 + (number of prefill chunks) SDPA calls. Everything that depends only on the batch
-layout (block ids to gather, masks) is computed once per step and cached on the metadata, because every
-layer of the step asks for the same thing.
+attends with at most MAX_DECODE_GROUPS + (number of prefill chunks) SDPA calls. Everything that depends
+only on the batch layout (block ids to gather, masks) is computed once per step and cached on the
+metadata, because every layer of the step asks for the same thing.
 """
 
 from __future__ import annotations
