@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from cluster.comm import GlooGroup, ShmGroup
 from cluster.parallel import ParallelConfig
+from model import cpu_kernels
 from model.attention import AttentionMetadata, allocate_kv_cache
 from model.config import ModelSpec
 from model.layers import SingleGroup
@@ -144,6 +145,8 @@ class Worker:
             self.config.model_dir, spec, shard, self.tp_group, self.dtype, self.device
         )
         self.layer_range = layer_range
+        if self.device.type == "cpu":
+            cpu_kernels.load()  # decode attention in place; plain torch where it cannot be built
         return report
 
     def init_cache(self, num_blocks: int, block_size: int) -> None:

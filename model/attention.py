@@ -1,10 +1,14 @@
-"""Paged attention in plain torch (CPU and CUDA alike).
+"""Paged attention: a compiled kernel for CPU decodes, plain torch for everything else.
 
 The KV cache of one layer is a tensor (2, num_blocks, block_size, num_kv_heads, head_dim); a sequence's
 tokens live in the blocks its block table lists. Each step writes the new k/v at `slot_mapping`, then
-attends with at most MAX_DECODE_GROUPS + (number of prefill chunks) SDPA calls. Everything that depends
-only on the batch layout (block ids to gather, masks) is computed once per step and cached on the
-metadata, because every layer of the step asks for the same thing.
+attends:
+- decodes on CPU in float32/bfloat16, when model/cpu_kernels.py has loaded: one kernel call that reads
+  the blocks where they lie (model/csrc/paged_attention.cpp);
+- other decodes: gather their blocks, then SDPA, in up to MAX_DECODE_GROUPS groups of similar length;
+- each prefill chunk: one SDPA call.
+Everything that depends only on the batch layout (block ids to gather, masks, lengths) is computed once
+per step and cached on the metadata, because every layer of the step asks for the same thing.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from model import cpu_kernels
 
 
 # Decodes of very different lengths are attended in up to MAX_DECODE_GROUPS groups of similar length
@@ -47,8 +53,15 @@ class AttentionMetadata:
     block_tables: Tensor  # (B, max_blocks) int64, padded with 0
     num_decodes: int
     block_size: int
+    _decode_lens: Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _decode_plans: list[DecodePlan] | None = field(default=None, init=False, repr=False, compare=False)
     _prefill_plans: list[PrefillPlan] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def decode_lens(self) -> Tensor:
+        """(num_decodes,) int32 context lengths, as the CPU decode kernel takes them."""
+        if self._decode_lens is None:
+            self._decode_lens = torch.tensor(self.context_lens[: self.num_decodes], dtype=torch.int32)
+        return self._decode_lens
 
     def decode_plans(self) -> list[DecodePlan]:
         if self._decode_plans is None:
@@ -125,7 +138,11 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: Att
     write_kv(k, v, kv_cache, meta.slot_mapping)
     outs = []
     nd = meta.num_decodes
-    if nd:
+    if nd and _kernel_decodes(kv_cache):
+        od = q.new_empty(nd, nh, hd)
+        torch.ops.shardserve.paged_decode_attention(od, q[:nd], kv_cache, meta.block_tables, meta.decode_lens(), scale)
+        outs.append(od.view(nd, nh * hd))
+    elif nd:
         # One query per sequence: fold each KV head's query group into the query-length axis, so GQA
         # needs no expansion of k/v and the (G, 1, 1, L) mask broadcasts over heads and group.
         qd = q[:nd].view(nd, nkv, nh // nkv, hd)  # (D, nkv, group, hd)
@@ -156,6 +173,11 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: Att
             o = F.scaled_dot_product_attention(qp, kv[0], kv[1], attn_mask=p.mask, scale=scale, enable_gqa=True)
         outs.append(o[0].transpose(0, 1).reshape(p.length, nh * hd))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _kernel_decodes(kv_cache: Tensor) -> bool:
+    return (kv_cache.device.type == "cpu" and kv_cache.dtype in (torch.float32, torch.bfloat16)
+            and cpu_kernels.available())
 
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,

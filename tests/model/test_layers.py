@@ -1,15 +1,11 @@
-"""Tensor-parallel layers (ranks simulated in one process) and paged attention against plain attention."""
+"""Tensor-parallel layers, with ranks simulated in one process."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.attention import (MAX_DECODE_GROUPS, MIN_DECODE_GROUP, AttentionMetadata, allocate_kv_cache,
-                             paged_attention)
 from model.layers import (ColumnParallelLinear, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
                           RowParallelLinear, SingleGroup, VocabParallelEmbedding, divide, onednn_packing_available)
 
@@ -178,76 +174,3 @@ def test_loader_rejects_wrong_shape():
     layer = ColumnParallelLinear(8, 16, False, SingleGroup(), torch.float32)
     with pytest.raises(ValueError, match=r"shape \(16, 7\), expected \(16, 8\)"):
         layer.weight.weight_loader(layer.weight, Source(torch.zeros(16, 7)), None)
-
-
-# ---- paged attention ----
-
-def _reference_attention(q, k, v, scale):  # q (n, nh, hd), k/v (ctx, nkv, hd); causal, the query is the tail
-    n, ctx = q.shape[0], k.shape[0]
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    att = torch.einsum("qhd,khd->hqk", q, k) * scale
-    allowed = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]
-    att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return torch.einsum("hqk,khd->qhd", att, v).reshape(n, -1)
-
-
-def _paged_vs_dense(seqs, blocks, num_decodes, nh=4, nkv=2, hd=8, bs=4):
-    """Run paged_attention on sequences given as (context before this step, new tokens), with their
-    blocks, after caching each prior context; returns (meta, output, dense reference)."""
-    cache = allocate_kv_cache(1, 1 + max(max(b) for b in blocks), bs, nkv, hd, torch.float32, "cpu")[0]
-    full_k = [torch.randn(p + n, nkv, hd) for p, n in seqs]
-    full_v = [torch.randn(p + n, nkv, hd) for p, n in seqs]
-    for (prior, _), b, kk, vv in zip(seqs, blocks, full_k, full_v):  # the prior context is already cached
-        for pos in range(prior):
-            cache[0, b[pos // bs], pos % bs] = kk[pos]
-            cache[1, b[pos // bs], pos % bs] = vv[pos]
-    slots = [b[pos // bs] * bs + pos % bs for (p, n), b in zip(seqs, blocks) for pos in range(p, p + n)]
-    width = max(map(len, blocks))
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots), query_lens=[n for _, n in seqs], context_lens=[p + n for p, n in seqs],
-        block_tables=torch.tensor([b + [0] * (width - len(b)) for b in blocks]), num_decodes=num_decodes,
-        block_size=bs)
-    q = torch.randn(sum(n for _, n in seqs), nh, hd)
-    k = torch.cat([kk[p:] for (p, _), kk in zip(seqs, full_k)])
-    v = torch.cat([vv[p:] for (p, _), vv in zip(seqs, full_v)])
-    out = paged_attention(q, k, v, cache, meta, scale=hd ** -0.5)
-    start, ref = 0, []
-    for (p, n), kk, vv in zip(seqs, full_k, full_v):
-        ref.append(_reference_attention(q[start : start + n], kk, vv, hd ** -0.5))
-        start += n
-    # the new k/v were written at their slots
-    torch.testing.assert_close(cache[0].view(-1, nkv, hd)[torch.tensor(slots)], k)
-    return meta, out, torch.cat(ref)
-
-
-def test_paged_attention_matches_dense_for_mixed_batch():
-    """Three decodes of different lengths, a prefill chunk that continues cached context, and a fresh
-    prefill, with scattered (non-contiguous) blocks."""
-    torch.manual_seed(0)
-    seqs = [(6, 1), (1, 1), (9, 1), (5, 3), (0, 6)]  # decodes first
-    blocks = [[7, 2], [30], [4, 11, 20], [9, 15], [1, 25]]
-    meta, out, ref = _paged_vs_dense(seqs, blocks, num_decodes=3)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    # the per-step plan is computed once and reused by every layer
-    assert meta.decode_plans() is meta.decode_plans()
-    assert meta.prefill_plans() is meta.prefill_plans()
-
-
-def test_paged_attention_groups_decodes_of_different_lengths():
-    """Many decodes of spread-out lengths are attended in several groups; the result is the same."""
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    lens = [rng.randint(0, 40) for _ in range(4 * MIN_DECODE_GROUP)]
-    seqs = [(n, 1) for n in lens] + [(3, 2)]  # and a prefill chunk after the decodes
-    free = list(range(1, 1000))
-    rng.shuffle(free)
-    blocks = [[free.pop() for _ in range(-(-(p + n) // 4))] for p, n in seqs]
-    meta, out, ref = _paged_vs_dense(seqs, blocks, num_decodes=len(lens))
-    plans = meta.decode_plans()
-    assert len(plans) == MAX_DECODE_GROUPS
-    assert sorted(torch.cat([p.rows for p in plans]).tolist()) == list(range(len(lens)))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    # decodes of one length stay in one group
-    same, _, _ = _paged_vs_dense([(9, 1)] * 32, [[i + 1, i + 100, i + 200] for i in range(32)], num_decodes=32)
-    assert len(same.decode_plans()) == 1 and same.decode_plans()[0].rows is None

@@ -1,0 +1,99 @@
+"""Compiled CPU kernels (model/csrc), built on first use and cached per machine.
+
+The build needs g++ and ninja (a dependency of this package) and takes ~15 s; the library is
+kept in torch's extension cache ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and
+later loads take well under a second. `make` builds it once up front (`python -m
+model.cpu_kernels`). Where it cannot be built, or with SHARDSERVE_CPU_KERNELS=0, attention runs in
+plain torch: same results, slower decode.
+
+The library is named after the CPU's vector extension, so a cache built on an AVX-512 machine is
+never loaded on one without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+SWITCH = "SHARDSERVE_CPU_KERNELS"
+# -fopenmp: at::parallel_for is an OpenMP loop compiled into the library; it links libgomp.so.1,
+# which resolves to the copy torch has already loaded, so both share one thread pool.
+BASE_FLAGS = ["-O3", "-fopenmp"]
+ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+_loaded: bool | None = None
+_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH, "1") != "0"
+
+
+def available() -> bool:
+    """True once load() has succeeded in this process (the hot path asks this, never builds)."""
+    return bool(_loaded)
+
+
+def load() -> bool:
+    """Builds (first time on this machine) and loads the kernels; False where that is not possible."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = enabled() and _build_and_load()
+        return _loaded
+
+
+def _build_and_load() -> bool:
+    capability = torch.backends.cpu.get_cpu_capability()
+    name = f"shardserve_cpu_{capability.lower()}"
+    _put_ninja_on_path()
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=BASE_FLAGS + ISA_FLAGS.get(capability, []),
+              extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: fall back, but say why
+        reason = str(e).strip().splitlines()
+        log.warning("CPU kernels unavailable, attention runs in plain torch: %s", reason[0] if reason else type(e).__name__)
+        return False
+    return hasattr(torch.ops.shardserve, "paged_decode_attention")
+
+
+def _put_ninja_on_path() -> None:
+    # torch runs `ninja` from PATH; a venv's bin directory is not on it unless the venv is activated.
+    try:
+        import ninja
+    except ImportError:
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+
+
+def main() -> int:
+    start = time.perf_counter()
+    if not enabled():
+        print(f"CPU kernels disabled by {SWITCH}=0")
+        return 0
+    if load():
+        print(f"CPU kernels ready ({time.perf_counter() - start:.1f} s)")
+        return 0
+    print("CPU kernels could not be built; attention will run in plain torch", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())
