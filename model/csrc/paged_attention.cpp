@@ -2,10 +2,10 @@
 //
 // One query token per sequence attends over its first context_len cached positions, found through
 // its block table. The torch fallback copies every sequence's blocks into a dense tensor in every
-// layer before SDPA; reading them where they lie is 3-10x faster for a 32-sequence step.
+// layer before SDPA; reading them where they lie is 2-7x faster (bench/bench_attention.py).
 //
-// Work item = (sequence, kv head): its group of query heads shares the keys and values, so each
-// cached row is read once per item. Scores go through an exact softmax (max, exp, sum) in float32.
+// Work item = one sequence: each cached row (all its kv heads) is read once, for all query heads.
+// Scores go through an exact softmax (max, exp, sum) in float32.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -46,69 +46,78 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& ca
   T* out_data = out.data_ptr<T>();
   const float fscale = static_cast<float>(scale);
 
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * hd), acc(group * hd), inv_sum(group), scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
+  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(num_heads * hd), acc(num_heads * hd), inv_sum(num_heads), scores;
+    for (int64_t seq = begin; seq < end; ++seq) {
       const int64_t len = lens[seq];
       TORCH_CHECK(len >= 1 && len <= max_len, "paged_decode_attention: context length ", len,
                   " is outside 1..", max_len);
       const int64_t* table = table_data + seq * table_stride;
-      const T* q_row = q_data + seq * q_stride + kv_head * group * hd;
-      for (int64_t i = 0; i < group * hd; ++i) qf[i] = to_float(q_row[i]) * fscale;
-      scores.resize(group * len);
-
-      // scores[j, t] = q_j . k_t
-      for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t block = table[start / block_size];
-        TORCH_CHECK(block >= 0 && block < num_blocks, "paged_decode_attention: block id ", block,
+      const int64_t num_used = (len + block_size - 1) / block_size;
+      // Check every block id, and ask for all the rows at once so that their cache misses overlap:
+      // the blocks are scattered, and reading them one after the other waits on each in turn.
+      for (int64_t b = 0; b < num_used; ++b) {
+        TORCH_CHECK(table[b] >= 0 && table[b] < num_blocks, "paged_decode_attention: block id ", table[b],
                     " is outside 0..", num_blocks - 1);
-        const int64_t n = std::min(block_size, len - start);
-        const T* k_block = k_cache + block * block_stride + kv_head * hd;
-        for (int64_t o = 0; o < n; ++o) {
-          const T* k = k_block + o * row_stride;
-          for (int64_t j = 0; j < group; ++j) {
-            const float* qj = qf.data() + j * hd;
+        const int64_t bytes = std::min(block_size, len - b * block_size) * row_stride * int64_t(sizeof(T));
+        const char* k = reinterpret_cast<const char*>(k_cache + table[b] * block_stride);
+        const char* v = reinterpret_cast<const char*>(v_cache + table[b] * block_stride);
+        for (int64_t i = 0; i < bytes; i += 64) {
+          __builtin_prefetch(k + i, 0, 2);
+          __builtin_prefetch(v + i, 0, 2);
+        }
+      }
+      const T* q_row = q_data + seq * q_stride;
+      for (int64_t i = 0; i < num_heads * hd; ++i) qf[i] = to_float(q_row[i]) * fscale;
+      scores.resize(num_heads * len);
+
+      // scores[h, t] = q_h . k_t, reading each cached row (all kv heads) once
+      for (int64_t start = 0; start < len; start += block_size) {
+        const T* k_block = k_cache + table[start / block_size] * block_stride;
+        for (int64_t o = 0, n = std::min(block_size, len - start); o < n; ++o) {
+          const T* k_row = k_block + o * row_stride;
+          for (int64_t h = 0; h < num_heads; ++h) {
+            const T* k = k_row + (h / group) * hd;
+            const float* qh = qf.data() + h * hd;
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < hd; ++i) s += qj[i] * to_float(k[i]);
-            scores[j * len + start + o] = s;
+            for (int64_t i = 0; i < hd; ++i) s += qh[i] * to_float(k[i]);
+            scores[h * len + start + o] = s;
           }
         }
       }
 
       // softmax over t, in place, keeping 1 / sum for the end
-      for (int64_t j = 0; j < group; ++j) {
-        float* s = scores.data() + j * len;
+      for (int64_t h = 0; h < num_heads; ++h) {
+        float* s = scores.data() + h * len;
         const float m = *std::max_element(s, s + len);
         float sum = 0.f;
         for (int64_t t = 0; t < len; ++t) {
           s[t] = std::exp(s[t] - m);
           sum += s[t];
         }
-        inv_sum[j] = 1.f / sum;
+        inv_sum[h] = 1.f / sum;
       }
 
-      // acc[j] = sum_t p[j, t] v_t
+      // acc[h] = sum_t p[h, t] v_t
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t block = table[start / block_size];
-        const int64_t n = std::min(block_size, len - start);
-        const T* v_block = v_cache + block * block_stride + kv_head * hd;
-        for (int64_t o = 0; o < n; ++o) {
-          const T* v = v_block + o * row_stride;
-          for (int64_t j = 0; j < group; ++j) {
-            const float p = scores[j * len + start + o];
-            float* a = acc.data() + j * hd;
+        const T* v_block = v_cache + table[start / block_size] * block_stride;
+        for (int64_t o = 0, n = std::min(block_size, len - start); o < n; ++o) {
+          const T* v_row = v_block + o * row_stride;
+          for (int64_t h = 0; h < num_heads; ++h) {
+            const T* v = v_row + (h / group) * hd;
+            const float p = scores[h * len + start + o];
+            float* a = acc.data() + h * hd;
 #pragma omp simd
             for (int64_t i = 0; i < hd; ++i) a[i] += p * to_float(v[i]);
           }
         }
       }
 
-      T* out_row = out_data + (seq * num_heads + kv_head * group) * hd;
-      for (int64_t j = 0; j < group; ++j)
-        for (int64_t i = 0; i < hd; ++i) out_row[j * hd + i] = static_cast<T>(acc[j * hd + i] * inv_sum[j]);
+      T* out_row = out_data + seq * num_heads * hd;
+      for (int64_t h = 0; h < num_heads; ++h)
+        for (int64_t i = 0; i < hd; ++i) out_row[h * hd + i] = static_cast<T>(acc[h * hd + i] * inv_sum[h]);
     }
   });
 }
