@@ -7,13 +7,15 @@ model.cpu_kernels`). Where it cannot be built, or with SHARDSERVE_CPU_KERNELS=0,
 plain torch: same results, slower decode.
 
 The library is named after the CPU's vector extension, so a cache built on an AVX-512 machine is
-never loaded on one without it.
+never loaded on one without it. A build killed half-way leaves a `lock` file in its build
+directory that makes the next build wait for ever: delete that directory.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -59,7 +61,7 @@ def load() -> bool:
 
 def _build_and_load() -> bool:
     capability = torch.backends.cpu.get_cpu_capability()
-    name = f"shardserve_cpu_{capability.lower()}"
+    name = "shardserve_cpu_" + re.sub(r"\W", "_", capability.lower())
     _put_ninja_on_path()
     try:
         from torch.utils.cpp_extension import load as build
