@@ -139,8 +139,11 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: Att
     outs = []
     nd = meta.num_decodes
     if nd and _kernel_decodes(kv_cache):
+        qd = q[:nd]
+        if qd.stride(2) != 1 or qd.stride(1) != hd:  # the kernel takes strided rows, but packed heads
+            qd = qd.contiguous()
         od = q.new_empty(nd, nh, hd)
-        torch.ops.shardserve.paged_decode_attention(od, q[:nd], kv_cache, meta.block_tables, meta.decode_lens(), scale)
+        torch.ops.shardserve.paged_decode_attention(od, qd, kv_cache, meta.block_tables, meta.decode_lens(), scale)
         outs.append(od.view(nd, nh * hd))
     elif nd:
         # One query per sequence: fold each KV head's query group into the query-length axis, so GQA

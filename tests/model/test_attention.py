@@ -156,3 +156,21 @@ def test_kernels_can_be_switched_off(monkeypatch):
     assert not cpu_kernels.load() and not cpu_kernels.available()
     cache = allocate_kv_cache(1, 4, 4, 2, 8, torch.float32, "cpu")[0]
     assert not attention._kernel_decodes(cache)
+
+
+def test_decode_kernel_takes_q_as_the_models_slice_it(kernel_attention):
+    """Llama hands over q as a column slice of its fused q/k projection (strided rows); any other
+    layout is copied first. All give what a packed q gives."""
+    torch.manual_seed(0)
+    nh, nkv, hd, bs, lens = 4, 2, 16, 4, [3, 9, 1]
+    cache = torch.randn(2, 8, bs, nkv, hd)
+    tables = torch.tensor([[1, 0, 0], [2, 5, 6], [7, 0, 0]])
+    slots = torch.tensor([tables[i, (n - 1) // bs] * bs + (n - 1) % bs for i, n in enumerate(lens)])
+    meta = AttentionMetadata(slots, [1, 1, 1], lens, tables, num_decodes=3, block_size=bs)
+    k, v = torch.randn(3, nkv, hd), torch.randn(3, nkv, hd)
+    qk = torch.randn(3, nh + nkv, hd)
+    q_slice = qk[:, :nh]  # rows strided, heads packed
+    q_transposed = torch.randn(3, hd, nh).transpose(1, 2)  # heads not packed
+    for q in (q_slice, q_transposed):
+        expected = paged_attention(q.contiguous(), k, v, cache, meta, 0.25)
+        torch.testing.assert_close(paged_attention(q, k, v, cache, meta, 0.25), expected)
