@@ -2,7 +2,7 @@
 //
 // One query token per sequence attends over its first context_len cached positions, found through
 // its block table. The torch fallback copies every sequence's blocks into a dense tensor in every
-// layer before SDPA; reading them where they lie is 2-7x faster (bench/bench_attention.py).
+// layer before SDPA; reading them where they lie is 1.5-7x faster (bench/bench_attention.py).
 //
 // Work item = one sequence: each cached row (all its kv heads) is read once, for all query heads.
 // Scores go through an exact softmax (max, exp, sum) in float32.
