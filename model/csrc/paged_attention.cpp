@@ -26,6 +26,17 @@ inline float to_float(c10::BFloat16 x) {
   return f;
 }
 
+// Calls row_fn(t, row) for t = 0..len-1, where row is position t's cached row (all kv heads) in the
+// blocks the table lists. The K and V passes walk the blocks the same way.
+template <typename T, typename RowFn>
+inline void for_each_row(const T* cache, const int64_t* table, int64_t len, int64_t block_size,
+                         int64_t block_stride, int64_t row_stride, RowFn&& row_fn) {
+  for (int64_t start = 0; start < len; start += block_size) {
+    const T* block = cache + table[start / block_size] * block_stride;
+    for (int64_t o = 0, n = std::min(block_size, len - start); o < n; ++o) row_fn(start + o, block + o * row_stride);
+  }
+}
+
 // HD > 0 fixes the head size at compile time so the inner loops vectorize without a remainder;
 // HD == 0 reads it at run time (any other head size).
 template <typename T, int HD>
@@ -72,20 +83,16 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& ca
       scores.resize(num_heads * len);
 
       // scores[h, t] = q_h . k_t, reading each cached row (all kv heads) once
-      for (int64_t start = 0; start < len; start += block_size) {
-        const T* k_block = k_cache + table[start / block_size] * block_stride;
-        for (int64_t o = 0, n = std::min(block_size, len - start); o < n; ++o) {
-          const T* k_row = k_block + o * row_stride;
-          for (int64_t h = 0; h < num_heads; ++h) {
-            const T* k = k_row + (h / group) * hd;
-            const float* qh = qf.data() + h * hd;
-            float s = 0.f;
+      for_each_row(k_cache, table, len, block_size, block_stride, row_stride, [&](int64_t t, const T* k_row) {
+        for (int64_t h = 0; h < num_heads; ++h) {
+          const T* k = k_row + (h / group) * hd;
+          const float* qh = qf.data() + h * hd;
+          float s = 0.f;
 #pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < hd; ++i) s += qh[i] * to_float(k[i]);
-            scores[h * len + start + o] = s;
-          }
+          for (int64_t i = 0; i < hd; ++i) s += qh[i] * to_float(k[i]);
+          scores[h * len + t] = s;
         }
-      }
+      });
 
       // softmax over t, in place, keeping 1 / sum for the end
       for (int64_t h = 0; h < num_heads; ++h) {
@@ -101,19 +108,15 @@ void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& ca
 
       // acc[h] = sum_t p[h, t] v_t
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t start = 0; start < len; start += block_size) {
-        const T* v_block = v_cache + table[start / block_size] * block_stride;
-        for (int64_t o = 0, n = std::min(block_size, len - start); o < n; ++o) {
-          const T* v_row = v_block + o * row_stride;
-          for (int64_t h = 0; h < num_heads; ++h) {
-            const T* v = v_row + (h / group) * hd;
-            const float p = scores[h * len + start + o];
-            float* a = acc.data() + h * hd;
+      for_each_row(v_cache, table, len, block_size, block_stride, row_stride, [&](int64_t t, const T* v_row) {
+        for (int64_t h = 0; h < num_heads; ++h) {
+          const T* v = v_row + (h / group) * hd;
+          const float p = scores[h * len + t];
+          float* a = acc.data() + h * hd;
 #pragma omp simd
-            for (int64_t i = 0; i < hd; ++i) a[i] += p * to_float(v[i]);
-          }
+          for (int64_t i = 0; i < hd; ++i) a[i] += p * to_float(v[i]);
         }
-      }
+      });
 
       T* out_row = out_data + seq * num_heads * hd;
       for (int64_t h = 0; h < num_heads; ++h)
