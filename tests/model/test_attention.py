@@ -70,6 +70,11 @@ def _paged_vs_dense(seqs, blocks, num_decodes, nh=4, nkv=2, hd=8, bs=4, dtype=to
     return meta, out, torch.cat(ref)
 
 
+def _scattered_blocks(lens, bs, rng):
+    free = list(range(1, 4000))
+    rng.shuffle(free)
+    return [[free.pop() for _ in range(-(-n // bs))] for n in lens]
+
 def test_paged_attention_matches_dense_for_mixed_batch(attention_path):
     """Three decodes of different lengths, a prefill chunk that continues cached context, and a fresh
     prefill, with scattered (non-contiguous) blocks."""
@@ -89,9 +94,7 @@ def test_paged_attention_groups_decodes_of_different_lengths(torch_attention):
     rng = random.Random(0)
     lens = [rng.randint(0, 40) for _ in range(4 * MIN_DECODE_GROUP)]
     seqs = [(n, 1) for n in lens] + [(3, 2)]  # and a prefill chunk after the decodes
-    free = list(range(1, 1000))
-    rng.shuffle(free)
-    blocks = [[free.pop() for _ in range(-(-(p + n) // 4))] for p, n in seqs]
+    blocks = _scattered_blocks([p + n for p, n in seqs], 4, rng)
     meta, out, ref = _paged_vs_dense(seqs, blocks, num_decodes=len(lens))
     plans = meta.decode_plans()
     assert len(plans) == MAX_DECODE_GROUPS
@@ -101,11 +104,6 @@ def test_paged_attention_groups_decodes_of_different_lengths(torch_attention):
     same, _, _ = _paged_vs_dense([(9, 1)] * 32, [[i + 1, i + 100, i + 200] for i in range(32)], num_decodes=32)
     assert len(same.decode_plans()) == 1 and same.decode_plans()[0].rows is None
 
-
-def _scattered_blocks(lens, bs, rng):
-    free = list(range(1, 4000))
-    rng.shuffle(free)
-    return [[free.pop() for _ in range(-(-n // bs))] for n in lens]
 
 
 @pytest.mark.parametrize("nh, nkv, hd", [(9, 3, 64), (4, 4, 16), (8, 2, 128), (6, 2, 24)])
