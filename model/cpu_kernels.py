@@ -1,10 +1,11 @@
 """Compiled CPU kernels (model/csrc), built on first use and cached per machine.
 
-The build needs g++ and ninja (a dependency of this package) and takes ~15 s; the library is
-kept in torch's extension cache ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and
-later loads take well under a second. `make` builds it once up front (`python -m
-model.cpu_kernels`). Where it cannot be built, or with SHARDSERVE_CPU_KERNELS=0, attention runs in
-plain torch: same results, slower decode.
+Decode attention over the paged KV cache (csrc/paged_attention.cpp) and the fused element-wise
+steps of a Llama layer (csrc/fused_ops.cpp). The build needs g++ and ninja (a dependency of this
+package) and takes ~20 s; the library is kept in torch's extension cache ($TORCH_EXTENSIONS_DIR,
+default ~/.cache/torch_extensions) and later loads take well under a second. `make` builds it once up front (`python -m
+model.cpu_kernels`). Where it cannot be built, or with SHARDSERVE_CPU_KERNELS=0, the model runs in
+plain torch: same results up to float rounding, slower.
 
 The library is named after the CPU's vector extension, so a cache built on an AVX-512 machine is
 never loaded on one without it. A build killed half-way leaves a `lock` file in its build
@@ -25,16 +26,18 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "fused_ops.cpp")]
+OPS = ("paged_decode_attention", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary")
 SWITCH = "SHARDSERVE_CPU_KERNELS"
 # -fopenmp: at::parallel_for is an OpenMP loop compiled into the library; it links libgomp.so.1,
 # which resolves to the copy torch has already loaded, so both share one thread pool.
 # -fassociative-math (with the two flags it needs) lets dot products end in a tree of adds rather
 # than 16 adds in a row. It changes no floating-point modes, unlike -ffast-math.
 BASE_FLAGS = ["-O3", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+# CPU_CAPABILITY_* selects the matching at::vec implementation (and its vectorized exp).
 ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
-    "AVX2": ["-mavx2", "-mfma"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
 }
 
 _loaded: bool | None = None
@@ -48,6 +51,11 @@ def enabled() -> bool:
 def available() -> bool:
     """True once load() has succeeded in this process (the hot path asks this, never builds)."""
     return bool(_loaded)
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the kernels take tensor t: loaded, and t a CPU tensor of float32 or bfloat16."""
+    return bool(_loaded) and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
 
 
 def load() -> bool:
@@ -70,9 +78,9 @@ def _build_and_load() -> bool:
               extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, a failed build: fall back, but say why
         reason = str(e).strip().splitlines()
-        log.warning("CPU kernels unavailable, attention runs in plain torch: %s", reason[0] if reason else type(e).__name__)
+        log.warning("CPU kernels unavailable, the model runs in plain torch: %s", reason[0] if reason else type(e).__name__)
         return False
-    return hasattr(torch.ops.shardserve, "paged_decode_attention")
+    return all(hasattr(torch.ops.shardserve, op) for op in OPS)
 
 
 def _put_ninja_on_path() -> None:
@@ -94,7 +102,7 @@ def main() -> int:
     if load():
         print(f"CPU kernels ready ({time.perf_counter() - start:.1f} s)")
         return 0
-    print("CPU kernels could not be built; attention will run in plain torch", file=sys.stderr)
+    print("CPU kernels could not be built; the model will run in plain torch", file=sys.stderr)
     return 1
 
 

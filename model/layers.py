@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import cpu_kernels
+
 
 @runtime_checkable
 class TPGroup(Protocol):
@@ -301,10 +303,22 @@ class RMSNorm(nn.Module):
         _attach(self.weight, load_replicated)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2 and cpu_kernels.usable(x):
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
+            torch.ops.shardserve.rms_norm(out, x, self.weight, self.eps)
+            return out
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
         # Half precision: normalize in float32, round, then scale (as the reference implementation does).
         return F.rms_norm(x.float(), self.normalized_shape, eps=self.eps).to(x.dtype) * self.weight
+
+    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm(residual + x), residual + x), in one pass on CPU; x and residual may be overwritten."""
+        if x.dim() == 2 and cpu_kernels.usable(x):
+            torch.ops.shardserve.add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
+        residual = residual + x
+        return self(residual), residual
 
 
 class LayerNorm(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from model import cpu_kernels
 from model.attention import AttentionMetadata, paged_attention
 from model.config import ModelSpec, rope_frequencies
 from model.layers import (CheckpointRef, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
@@ -39,7 +40,10 @@ class RotaryEmbedding:
         return cos, sin
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:  # x (T, heads, hd)
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:  # x (T, heads, hd); may rotate x in place
+    if cpu_kernels.usable(x):
+        torch.ops.shardserve.rotary(x, cos.view(x.shape[0], -1), sin_signed.view(x.shape[0], -1))
+        return x
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
@@ -70,9 +74,15 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [size, size], spec.mlp_bias, tp, dtype)
         self.down_proj = RowParallelLinear(size, spec.hidden_size, spec.mlp_bias, tp, dtype)
         self.act = activation(spec.hidden_act)
+        self.is_silu = spec.hidden_act == "silu"
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # each (T, intermediate / tp)
+        gate_up = self.gate_up_proj(x)  # (T, 2 intermediate / tp): gate, then up
+        if self.is_silu and cpu_kernels.usable(gate_up):
+            h = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+            torch.ops.shardserve.silu_and_mul(h, gate_up)
+            return self.down_proj(h)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -84,9 +94,19 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.norm_eps, dtype)
         self.mlp = LlamaMLP(spec, tp, dtype)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, kv_cache: Tensor) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor, meta: AttentionMetadata,
+                kv_cache: Tensor) -> tuple[Tensor, Tensor]:
+        """h: the previous layer's output before its residual add; residual: the sum so far (None at the start).
+
+        Each residual add happens inside the next norm, so both run as one pass (RMSNorm.add_forward).
+        """
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm.add_forward(h, residual)
+        h = self.self_attn(h, cos, sin, meta, kv_cache)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -107,9 +127,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, x: Tensor, positions: Tensor, meta: AttentionMetadata, kv_caches: list[Tensor]) -> Tensor:
         h = self.embed_tokens(x) if self.is_first else x  # (T, hidden)
         cos, sin = self.rotary(positions, h.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, cos, sin, meta, kv_cache)
-        return self.norm(h) if self.is_last else h
+            h, residual = layer(h, residual, cos, sin, meta, kv_cache)
+        if residual is None:  # a stage without layers
+            return self.norm(h) if self.is_last else h
+        return self.norm.add_forward(h, residual)[0] if self.is_last else h + residual
 
     def compute_logits(self, hidden: Tensor) -> Tensor:  # (N, hidden) -> (N, vocab_size) float32
         return self.lm_head(hidden)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray cluster per session, tiny random models, the real default model."""
+"""Shared fixtures: one local Ray cluster per session, tiny random models, the real default model, and
+the choice between the compiled CPU kernels and plain torch."""
 
 from __future__ import annotations
 
@@ -6,8 +7,31 @@ import logging
 
 import pytest
 
+from model import cpu_kernels
 from tests.tiny_models import make_tiny_gpt2, make_tiny_llama
 from tests.tiny_tokenizer import save_tiny_tokenizer
+
+
+@pytest.fixture
+def compiled_cpu_ops():
+    """The compiled CPU kernels (model/csrc), loaded in this process."""
+    if not cpu_kernels.enabled():
+        pytest.skip(f"{cpu_kernels.SWITCH}=0")
+    # g++ and ninja are part of the set-up here, so a failed build is a failure, not a skip.
+    assert cpu_kernels.load(), "the CPU kernels did not build; see the warning logged above"
+
+
+@pytest.fixture
+def torch_cpu_ops(monkeypatch):
+    """Plain torch ops only, as where the kernels cannot be built."""
+    monkeypatch.setattr(cpu_kernels, "_loaded", False)
+
+
+@pytest.fixture(params=["torch", "compiled"])
+def cpu_ops(request):
+    """Runs a test once through plain torch ops and once through the compiled CPU kernels."""
+    request.getfixturevalue(f"{request.param}_cpu_ops")
+    return request.param
 
 
 @pytest.fixture(scope="session")

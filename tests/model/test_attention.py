@@ -17,17 +17,9 @@ def torch_attention(monkeypatch):
     monkeypatch.setattr(attention, "_kernel_decodes", lambda kv_cache: False)
 
 
-@pytest.fixture
-def kernel_attention():
-    if not cpu_kernels.enabled():
-        pytest.skip(f"{cpu_kernels.SWITCH}=0")
-    # g++ and ninja are part of the set-up here, so a failed build is a failure, not a skip.
-    assert cpu_kernels.load(), "the CPU kernels did not build; see the warning logged above"
-
-
-@pytest.fixture(params=["torch", "kernel"])
+@pytest.fixture(params=["torch_attention", "compiled_cpu_ops"])
 def attention_path(request):
-    request.getfixturevalue(f"{request.param}_attention")
+    request.getfixturevalue(request.param)
     return request.param
 
 
@@ -107,7 +99,7 @@ def test_paged_attention_groups_decodes_of_different_lengths(torch_attention):
 
 
 @pytest.mark.parametrize("nh, nkv, hd", [(9, 3, 64), (4, 4, 16), (8, 2, 128), (6, 2, 24)])
-def test_decode_kernel_matches_dense(kernel_attention, nh, nkv, hd):
+def test_decode_kernel_matches_dense(compiled_cpu_ops, nh, nkv, hd):
     """GQA groups of 3, 1 and 4; head sizes the kernel fixes at compile time (64, 128) and others;
     contexts of one token, exactly one block, one past a block, and long ones, over scattered blocks."""
     torch.manual_seed(0)
@@ -120,7 +112,7 @@ def test_decode_kernel_matches_dense(kernel_attention, nh, nkv, hd):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_kernel_bfloat16(kernel_attention):
+def test_decode_kernel_bfloat16(compiled_cpu_ops):
     """bfloat16 cache and queries, float32 arithmetic inside: within bfloat16 rounding of the exact result."""
     torch.manual_seed(0)
     rng = random.Random(1)
@@ -133,7 +125,7 @@ def test_decode_kernel_bfloat16(kernel_attention):
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_decode_kernel_rejects_what_would_read_outside_the_cache(kernel_attention):
+def test_decode_kernel_rejects_what_would_read_outside_the_cache(compiled_cpu_ops):
     cache = allocate_kv_cache(1, 4, 4, 2, 8, torch.float32, "cpu")[0]
     q, out = torch.randn(1, 4, 8), torch.empty(1, 4, 8)
     op = torch.ops.shardserve.paged_decode_attention
@@ -156,7 +148,7 @@ def test_kernels_can_be_switched_off(monkeypatch):
     assert not attention._kernel_decodes(cache)
 
 
-def test_decode_kernel_takes_q_as_the_models_slice_it(kernel_attention):
+def test_decode_kernel_takes_q_as_the_models_slice_it(compiled_cpu_ops):
     """Llama hands over q as a column slice of its fused q/k projection (strided rows); any other
     layout is copied first. All give what a packed q gives."""
     torch.manual_seed(0)

@@ -101,7 +101,7 @@ def assert_matches_reference(path, tokens: dict, logits: dict) -> None:
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_greedy_and_logits_match_transformers(checkpoints, name):
+def test_greedy_and_logits_match_transformers(checkpoints, name, cpu_ops):
     tokens, logits = run_script(PagedRunner(*load_single(checkpoints[name])))
     assert_matches_reference(checkpoints[name], tokens, logits)
 
@@ -115,7 +115,7 @@ def test_pipeline_stages_match_single_stage(checkpoints, name):
         torch.testing.assert_close(torch.stack(logits3[s]), torch.stack(logits1[s]), rtol=0, atol=1e-5)
 
 
-def test_bfloat16_runs_close_to_float32(checkpoints):
+def test_bfloat16_runs_close_to_float32(checkpoints, cpu_ops):
     """bf16 keeps 8 mantissa bits (~4e-3 relative per rounding), so only closeness is checked here."""
     path = checkpoints["llama"]
     runner32 = PagedRunner(*load_single(path))
