@@ -292,7 +292,7 @@ def main(argv=None) -> int:
         "model": args.model,
         "read_bandwidth_gbs": bandwidth,
         # the workers decide for themselves, on the same machine and environment, so the same way
-        "cpu_attention_kernel": cpu_kernels.load(),
+        "cpu_kernels": cpu_kernels.load(),
         "loadavg_1m_at_start": os.getloadavg()[0],
         "dtypes": {},
     }
@@ -340,8 +340,9 @@ def render_table(results: dict, settings: Settings) -> str:
         lines.append(f"Mix {m.name!r}: {n} requests, prompt {p_lo}..{p_hi} tokens, output {o_lo}..{o_hi} tokens (fixed seed).")
     lines += [
         f"transformers sequential is estimated from {settings.sequential_subset} requests of each mix (tok/s of that subset).",
-        "shardserve decode attention on CPU: "
-        + ("the compiled kernel." if results.get("cpu_attention_kernel") else "plain torch (kernel off or not built)."),
+        "shardserve on CPU: "
+        + ("compiled kernels (decode attention, fused element-wise ops)." if results.get("cpu_kernels")
+           else "plain torch (kernels off or not built)."),
         f"Machine load (1-min load average) at start {results['loadavg_1m_at_start']:.1f}; "
         f"{CORES} cores, shared with other work: numbers move with it.",
         "",
