@@ -38,17 +38,18 @@ def greedy_chat(system: str, question: str, max_tokens: int) -> dict:
     }
 
 
-def post_chats(base_url: str, bodies: list[dict], timeout: float = 300) -> list[str]:
-    """Send the chat bodies all at once; the replica that served each, in order."""
+def post_chats(base_url: str, bodies: list[dict], timeout: float = 300, delays: list[float] | None = None) -> list[str]:
+    """Send the chat bodies all at once (or each after its delay in seconds); the replica that served each, in order."""
 
     async def main():
         async with httpx.AsyncClient(timeout=timeout) as client:
 
-            async def one(body):
+            async def one(body, delay):
+                await asyncio.sleep(delay)
                 r = await client.post(base_url + "/v1/chat/completions", json=body, headers=AUTH)
                 r.raise_for_status()
                 return r.headers["x-shardserve-replica"]
 
-            return await asyncio.gather(*(one(b) for b in bodies))
+            return await asyncio.gather(*(one(b, d) for b, d in zip(bodies, delays or [0.0] * len(bodies))))
 
     return asyncio.run(main())

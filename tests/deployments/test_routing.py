@@ -31,7 +31,10 @@ def test_requests_sharing_a_long_prefix_stay_on_one_replica(served):
 def test_load_spreads_when_the_prefix_owner_is_saturated(served):
     chat(served.http, "[burst] " + SYSTEM, "warm up")  # some replica now owns this prefix
 
-    # 300 tokens each: long enough that all 24 are in flight at once.
-    replicas = post_chats(served.http, [greedy_chat("[burst] " + SYSTEM, f"q{i}", max_tokens=300) for i in range(24)])
+    # 300 tokens each: long enough that all 24 are in flight at once. The second 12 go a second
+    # later, once the router's view of the owner's queue has caught up with the first 12 (requests
+    # sent in the same instant can all be routed on the owner's queue length from before them).
+    bodies = [greedy_chat("[burst] " + SYSTEM, f"q{i}", max_tokens=300) for i in range(24)]
+    replicas = post_chats(served.http, bodies, delays=[0.0] * 12 + [1.0] * 12)
     # max_imbalance is 32 // 4 = 8: past that, the owner's lead sends work to the other replica.
     assert len(set(replicas)) == 2, replicas
