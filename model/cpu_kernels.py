@@ -3,9 +3,9 @@
 Decode attention over the paged KV cache (csrc/paged_attention.cpp) and the fused element-wise
 steps of a Llama layer (csrc/fused_ops.cpp). The build needs g++ and ninja (a dependency of this
 package) and takes ~20 s; the library is kept in torch's extension cache ($TORCH_EXTENSIONS_DIR,
-default ~/.cache/torch_extensions) and later loads take well under a second. `make` builds it once up front (`python -m
-model.cpu_kernels`). Where it cannot be built, or with SHARDSERVE_CPU_KERNELS=0, the model runs in
-plain torch: same results up to float rounding, slower.
+default ~/.cache/torch_extensions) and later loads take well under a second. `make` builds it once
+up front (`python -m model.cpu_kernels`). Where it cannot be built, or with
+SHARDSERVE_CPU_KERNELS=0, the model runs in plain torch: same results up to float rounding, slower.
 
 The library is named after the CPU's vector extension, so a cache built on an AVX-512 machine is
 never loaded on one without it. A build killed half-way leaves a `lock` file in its build
