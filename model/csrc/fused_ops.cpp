@@ -17,6 +17,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "float_convert.h"
+
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -24,14 +26,7 @@
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
-
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using shardserve::to_float;
 
 // Round to nearest even, as torch does; written without branches so that loops over it vectorize.
 template <typename T>
@@ -85,19 +80,21 @@ void check_dtype(const at::Tensor& t) {
               "fused CPU ops take float32 or bfloat16, got ", t.scalar_type());
 }
 
-void check_weight(const at::Tensor& w, const at::Tensor& x) {
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
-              "weight must be a contiguous (", x.size(1), ") tensor of ", x.scalar_type(), ", got ", w.sizes(), " ",
-              w.scalar_type());
-}
-
-void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+// The norms' arguments: x and `other` (out or residual) of the same rows and dtype, and a weight per column.
+void check_norm_args(const at::Tensor& x, const at::Tensor& other, const char* other_name, const at::Tensor& w) {
   check_dtype(x);
   const int64_t n = x.size(-1);
   check_rows(x, "x", n);
-  check_rows(out, "out", n);
-  check_weight(weight, x);
-  TORCH_CHECK(out.size(0) == x.size(0) && out.scalar_type() == x.scalar_type(), "out must match x");
+  check_rows(other, other_name, n);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == n && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
+              "weight must be a contiguous (", n, ") tensor of ", x.scalar_type(), ", got ", w.sizes(), " ",
+              w.scalar_type());
+  TORCH_CHECK(other.size(0) == x.size(0) && other.scalar_type() == x.scalar_type(), other_name, " must match x");
+}
+
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_norm_args(x, out, "out", weight);
+  const int64_t n = x.size(1);
   dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -115,12 +112,8 @@ void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, dou
 }
 
 void add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
-  check_dtype(x);
-  const int64_t n = x.size(-1);
-  check_rows(x, "x", n);
-  check_rows(residual, "residual", n);
-  check_weight(weight, x);
-  TORCH_CHECK(residual.size(0) == x.size(0) && residual.scalar_type() == x.scalar_type(), "residual must match x");
+  check_norm_args(x, residual, "residual", weight);
+  const int64_t n = x.size(1);
   dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* xp = x.data_ptr<scalar_t>();

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "float_convert.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -18,13 +20,7 @@
 
 namespace {
 
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using shardserve::to_float;
 
 // Calls row_fn(t, row) for t = 0..len-1, where row is position t's cached row (all kv heads) in the
 // blocks the table lists. The K and V passes walk the blocks the same way.
