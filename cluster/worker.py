@@ -146,7 +146,7 @@ class Worker:
         )
         self.layer_range = layer_range
         if self.device.type == "cpu":
-            cpu_kernels.load()  # decode attention in place; plain torch where it cannot be built
+            cpu_kernels.load()  # compiled attention and element-wise ops; plain torch where they cannot be built
         return report
 
     def init_cache(self, num_blocks: int, block_size: int) -> None:

@@ -55,7 +55,7 @@ def available() -> bool:
 
 def usable(t: torch.Tensor) -> bool:
     """Whether the kernels take tensor t: loaded, and t a CPU tensor of float32 or bfloat16."""
-    return bool(_loaded) and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+    return available() and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
 
 
 def load() -> bool:

@@ -12,17 +12,6 @@ from model import attention, cpu_kernels
 from model.attention import MAX_DECODE_GROUPS, MIN_DECODE_GROUP, AttentionMetadata, allocate_kv_cache, paged_attention
 
 
-@pytest.fixture
-def torch_attention(monkeypatch):
-    monkeypatch.setattr(attention, "_kernel_decodes", lambda kv_cache: False)
-
-
-@pytest.fixture(params=["torch_attention", "compiled_cpu_ops"])
-def attention_path(request):
-    request.getfixturevalue(request.param)
-    return request.param
-
-
 def _reference_attention(q, k, v, scale):  # q (n, nh, hd), k/v (ctx, nkv, hd); causal, the query is the tail
     n, ctx = q.shape[0], k.shape[0]
     rep = q.shape[1] // k.shape[1]
@@ -67,7 +56,7 @@ def _scattered_blocks(lens, bs, rng):
     rng.shuffle(free)
     return [[free.pop() for _ in range(-(-n // bs))] for n in lens]
 
-def test_paged_attention_matches_dense_for_mixed_batch(attention_path):
+def test_paged_attention_matches_dense_for_mixed_batch(cpu_ops):
     """Three decodes of different lengths, a prefill chunk that continues cached context, and a fresh
     prefill, with scattered (non-contiguous) blocks."""
     torch.manual_seed(0)
@@ -80,7 +69,7 @@ def test_paged_attention_matches_dense_for_mixed_batch(attention_path):
     assert meta.prefill_plans() is meta.prefill_plans()
 
 
-def test_paged_attention_groups_decodes_of_different_lengths(torch_attention):
+def test_paged_attention_groups_decodes_of_different_lengths(torch_cpu_ops):
     """Many decodes of spread-out lengths are attended in several groups; the result is the same."""
     torch.manual_seed(0)
     rng = random.Random(0)
