@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.stamp
 TORCH  := torch==2.13.0
 ARGS   ?=
 
-.PHONY: venv test serve generate bench proto clean
+.PHONY: venv test test-fast serve generate bench proto clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(PY) -m pytest $(ARGS)
+
+# The tests that start no Ray and no slow multi-process run: the model math, the scheduler, configs,
+# manifests (well under a minute).
+test-fast: venv
+	$(PY) -m pytest -m "not ray and not slow" $(ARGS)
 
 serve: venv
 	$(VENV)/bin/shardserve serve $(ARGS)

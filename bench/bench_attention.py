@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from bench_linear import best_ms  # noqa: E402
-from model import attention, cpu_kernels  # noqa: E402
+from model import cpu_kernels, ops  # noqa: E402
 from model.attention import AttentionMetadata, allocate_kv_cache, paged_attention  # noqa: E402
 
 NUM_LAYERS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 30, 9, 3, 64, 16
@@ -35,7 +35,7 @@ def make_step(num_decodes: int, lo: int, hi: int, rng: random.Random, dtype):
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(nblk)] for _ in lens]
     slots = [t[(n - 1) // BLOCK_SIZE] * BLOCK_SIZE + (n - 1) % BLOCK_SIZE for t, n in zip(tables, lens)]
-    caches = allocate_kv_cache(NUM_LAYERS, num_decodes * nblk + 1, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype, "cpu")
+    caches = allocate_kv_cache((NUM_LAYERS, 2, num_decodes * nblk + 1, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), dtype, "cpu")
     for c in caches:
         c.normal_()
     q = torch.randn(num_decodes, NUM_HEADS, HEAD_DIM, dtype=dtype)
@@ -67,15 +67,15 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {args.threads} threads")
     print("| dtype | decodes | context lengths | 30 layers torch ms | kernel ms | speed-up |")
     print("|---|---|---|---|---|---|")
-    use_kernel = attention._kernel_decodes
+    use_kernel = ops.decode_kernel
     for name in args.dtype.split(","):
         dtype = getattr(torch, name)
         for n in (int(x) for x in args.decodes.split(",")):
             for lo, hi in CONTEXTS:
                 step = make_step(n, lo, hi, rng, dtype)
-                attention._kernel_decodes = lambda kv_cache: False
+                ops.decode_kernel = lambda kv_cache: False
                 plain = best_ms(step, args.repeats)
-                attention._kernel_decodes = use_kernel
+                ops.decode_kernel = use_kernel
                 kernel = best_ms(step, args.repeats)
                 print(f"| {name} | {n} | {lo}..{hi} | {plain:.1f} | {kernel:.1f} | {plain / kernel:.2f}x |", flush=True)
     return 0

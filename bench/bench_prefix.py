@@ -198,13 +198,14 @@ def common_prefix_len(prompts: list[list[int]]) -> int:
 # -- measurement -----------------------------------------------------------------------------------
 async def timed_request(engine, prompt: list[int]) -> tuple[float, float, list[int]]:
     """(TTFT s, end-to-end latency s, generated token ids) of one greedy request."""
-    from model.sampling import SamplingParams
+    from cluster.protocol import GenerateRequest
+    from model.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     tokens: list[int] = []
     ttft = None
     t0 = time.perf_counter()
-    async for out in engine.generate(prompt, params):
+    async for out in engine.generate(GenerateRequest(prompt, params)):
         if ttft is None:
             ttft = time.perf_counter() - t0
         tokens += out.token_ids
@@ -224,7 +225,8 @@ STAT_KEYS = ("prefill_tokens_computed", "prefix_cache_query_tokens", "prefix_cac
 
 
 def build_engine(model_dir, prefix_caching: bool):
-    from cluster.engine import EngineConfig, LLMEngine
+    from cluster.config import EngineConfig
+    from cluster.engine import LLMEngine
 
     t0 = time.perf_counter()
     engine = LLMEngine(
@@ -263,7 +265,7 @@ async def bench_pair(model_dir, prompts, warmup) -> dict:
             ttft_first_s=ttfts[0],
             ttft_median_rest_s=statistics.median(ttfts[1:]) if len(ttfts) > 1 else None,
             latency_median_s=statistics.median(m["latency_s"]),
-            **{k: after[name][k] - before[name][k] for k in STAT_KEYS},
+            **{k: getattr(after[name], k) - getattr(before[name], k) for k in STAT_KEYS},
         )
     return r
 

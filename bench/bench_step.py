@@ -24,10 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from cluster.parallel import ParallelConfig  # noqa: E402
-from cluster.worker import StepInput, Worker, WorkerConfig  # noqa: E402
-from model import attention, cpu_kernels  # noqa: E402
-from model.config import ModelSpec  # noqa: E402
+from cluster.config import EngineConfig  # noqa: E402
+from cluster.worker import StepInput, Worker  # noqa: E402
+from model import cpu_kernels, ops  # noqa: E402
 from model.sampling import SamplingParams  # noqa: E402
 from model.sources import resolve_model  # noqa: E402
 
@@ -61,9 +60,9 @@ def make_step(cached: list[int] | None, new: list[int], rng: random.Random) -> S
 
 
 def use(mode: str, usable) -> None:
-    """Point the model's kernel switches at one of the three configurations."""
-    cpu_kernels.usable = usable if mode == "all kernels" else (lambda t: False)
-    attention._kernel_decodes = (lambda kv_cache: False) if mode == "plain torch" else usable
+    """Point the model's kernel switches (model/ops.py) at one of the three configurations."""
+    ops.fused = usable if mode == "all kernels" else (lambda t: False)
+    ops.decode_kernel = (lambda kv_cache: False) if mode == "plain torch" else usable
 
 
 def main(argv=None) -> int:
@@ -76,16 +75,16 @@ def main(argv=None) -> int:
         print("the CPU kernels could not be built here; nothing to compare", file=sys.stderr)
         return 1
     model_dir = resolve_model(None)
-    spec = ModelSpec.from_pretrained(model_dir)
     modes = ["plain torch", "attention kernel", "all kernels"]
     usable = cpu_kernels.usable
     print(f"torch {torch.__version__}, {args.threads} threads, SmolLM2-135M, layout 1x1")
     print("| dtype | step | plain torch ms | attention kernel ms | all kernels ms | all vs plain |")
     print("|---|---|---|---|---|---|")
     for name in args.dtype.split(","):
-        worker = Worker(0, WorkerConfig(str(model_dir), spec, ParallelConfig(), dtype=name, num_threads=args.threads))
+        config = EngineConfig(dtype=name, block_size=BLOCK_SIZE, cpus_per_worker=args.threads)
+        worker = Worker(0, config, str(model_dir))
         worker.load()
-        worker.init_cache(NUM_BLOCKS, BLOCK_SIZE)
+        worker.init_cache(NUM_BLOCKS)
         rng = random.Random(0)
         for step_name, (cached, new) in STEPS.items():
             step = make_step(cached, new, rng)

@@ -114,11 +114,12 @@ def workload(num_requests: int, mix: Mix, vocab: int, seed: int = 0) -> list[tup
 # -- shardserve ----------------------------------------------------------------------------
 async def _engine_stream(engine, prompt, max_tokens) -> tuple[int, float, float]:
     """(tokens, time of first token, time of last token)."""
-    from model.sampling import SamplingParams
+    from cluster.protocol import GenerateRequest
+    from model.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     n, first, last = 0, None, None
-    async for out in engine.generate(prompt, params):
+    async for out in engine.generate(GenerateRequest(prompt, params)):
         now = time.perf_counter()
         n += len(out.token_ids)
         if first is None:
@@ -128,7 +129,8 @@ async def _engine_stream(engine, prompt, max_tokens) -> tuple[int, float, float]
 
 
 async def bench_engine(model_dir, tp: int, pp: int, dtype: str, settings: Settings, workloads: dict, decode_prompt) -> dict:
-    from cluster.engine import EngineConfig, LLMEngine
+    from cluster.config import EngineConfig
+    from cluster.engine import LLMEngine
 
     t0 = time.perf_counter()
     engine = LLMEngine(

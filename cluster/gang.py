@@ -17,9 +17,8 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.comm import ShmGroup
-from cluster.parallel import ParallelConfig
-from cluster.worker import StepInput, Worker, WorkerConfig
-from model.loader import LoadReport
+from cluster.config import EngineConfig
+from cluster.worker import StepInput, Worker
 from model.sampling import SampleOutput
 
 log = logging.getLogger(__name__)
@@ -27,12 +26,6 @@ log = logging.getLogger(__name__)
 
 class GangError(RuntimeError):
     """The gang cannot serve: a worker died, hung, or failed a step."""
-
-
-def worker_bundles(parallel: ParallelConfig, device: str, cpus_per_worker: float) -> list[dict[str, float]]:
-    """One bundle per worker, in rank order."""
-    bundle = {"GPU": 1.0} if device == "cuda" else {"CPU": float(cpus_per_worker)}
-    return [dict(bundle) for _ in range(parallel.world_size)]
 
 
 def worker_options(device: str, cpus_per_worker: float) -> dict[str, float]:
@@ -43,17 +36,12 @@ def worker_options(device: str, cpus_per_worker: float) -> dict[str, float]:
     return {"num_cpus": cpus_per_worker}
 
 
-def placement_strategy(parallel: ParallelConfig) -> str:
-    # A TP group must share a host; pipeline stages may spread over hosts.
-    return "STRICT_PACK" if parallel.pp == 1 else "PACK"
-
-
 class Gang:
     def __init__(
         self,
-        config: WorkerConfig,
+        config: EngineConfig,
+        model_dir: str,
         *,
-        cpus_per_worker: float = 1.0,
         pg: PlacementGroup | None = None,
         bundle_offset: int = 0,
         ready_timeout_s: float = 120.0,
@@ -62,10 +50,11 @@ class Gang:
         self.parallel = config.parallel
         self.broken: BaseException | None = None  # the first failure; a broken gang serves nothing more
         world = self.parallel.world_size
+        cpus_per_worker = config.worker_cpus()
         self._own_pg = pg is None
         if pg is None:
-            bundles = worker_bundles(self.parallel, config.device, cpus_per_worker)
-            pg = placement_group(bundles, strategy=placement_strategy(self.parallel))
+            bundles = self.parallel.worker_bundles(config.device, cpus_per_worker)
+            pg = placement_group(bundles, strategy=self.parallel.placement_strategy)
             ready, _ = ray.wait([pg.ready()], timeout=ready_timeout_s)
             if not ready:
                 remove_placement_group(pg)
@@ -83,12 +72,12 @@ class Gang:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=bundle_offset + rank
                 ),
-            ).remote(rank, config)
+            ).remote(rank, config, model_dir)
             for rank in range(world)
         ]
         try:
             self._wire(ready_timeout_s)
-            self.load_reports: list[LoadReport] = ray.get([w.load.remote() for w in self.workers])
+            ray.get([w.load.remote() for w in self.workers])
         except Exception:
             self.shutdown()
             raise
@@ -98,23 +87,23 @@ class Gang:
         ip, port = "", 0
         if self.parallel.world_size > 1:
             ip, port = ray.get(self.workers[0].start_store.remote())
-        tp = self.parallel.tp
         shm_names: list[str | None] = [None] * self.parallel.pp
-        if tp > 1 and self.config.device == "cpu" and ShmGroup.supported():
+        if self.parallel.tp > 1 and self.config.device == "cpu" and ShmGroup.supported():
             for stage in range(self.parallel.pp):
-                ranks = range(stage * tp, (stage + 1) * tp)
+                ranks = self.parallel.stage_ranks(stage)
                 if len({nodes[r][0] for r in ranks}) == 1:
                     shm_names[stage] = ray.get(self.workers[ranks[0]].create_shm_segment.remote())
         ray.get(
             [
-                w.init_distributed.remote(ip, port, shm_names[self.parallel.coords(rank)[0]])
-                for rank, w in enumerate(self.workers)
+                self.workers[rank].init_distributed.remote(ip, port, shm_names[stage])
+                for stage in range(self.parallel.pp)
+                for rank in self.parallel.stage_ranks(stage)
             ]
         )
         ray.get([w.release_shm_segment.remote() for w in self.workers])
 
-    def init_cache(self, num_blocks: int, block_size: int) -> None:
-        ray.get([w.init_cache.remote(num_blocks, block_size) for w in self.workers])
+    def init_cache(self, num_blocks: int) -> None:
+        ray.get([w.init_cache.remote(num_blocks) for w in self.workers])
 
     async def execute(self, step: StepInput) -> SampleOutput:
         """Run one step on every worker; only the last stage's tp_rank 0 returns anything."""
@@ -127,7 +116,7 @@ class Gang:
         except Exception as e:  # a dead actor, or an error inside a step
             self.broken = e
             raise GangError(f"a worker failed during a step: {e}") from e
-        return results[self.parallel.rank(self.parallel.pp - 1, 0)]
+        return results[self.parallel.sampler_rank]
 
     async def check_health(self, timeout_s: float = 30.0) -> None:
         if self.broken is not None:

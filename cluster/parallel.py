@@ -2,7 +2,10 @@
 
 Ranks come from position in the gang, never from the environment:
 ``rank = stage * tp + tp_rank``, so a TP group is a run of consecutive ranks and
-the pipeline neighbour of a worker is ``rank +/- tp``.
+the pipeline neighbour of a worker is ``rank +/- tp``. This module is the only
+place that knows that arithmetic: ``ParallelConfig.plan(rank)`` hands each rank
+its ``RankPlan``, which the worker, the loader, KV sizing, gang wiring and the
+Kubernetes fit check read.
 """
 
 from __future__ import annotations
@@ -10,6 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.config import ModelSpec, check_tensor_parallel
+from model.shard import ShardInfo
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One worker's place in the gang."""
+
+    rank: int
+    shard: ShardInfo  # what it holds: its stage's layers and its TP slice
+    tp_group: tuple[int, ...]  # global ranks of its stage's TP group, in tp_rank order
+    prev_rank: int | None  # same tp_rank one stage earlier: where its hidden states come from
+    next_rank: int | None  # same tp_rank one stage later: where its hidden states go
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,38 @@ class ParallelConfig:
     def rank(self, stage: int, tp_rank: int) -> int:
         return stage * self.tp + tp_rank
 
-    def coords(self, rank: int) -> tuple[int, int]:
-        """(stage, tp_rank) of a global rank."""
-        return divmod(rank, self.tp)
+    def stage_ranks(self, stage: int) -> tuple[int, ...]:
+        """The TP group of a stage, in tp_rank order."""
+        return tuple(self.rank(stage, t) for t in range(self.tp))
+
+    @property
+    def sampler_rank(self) -> int:
+        """The last stage's tp_rank 0: the one worker that samples and returns the tokens."""
+        return self.rank(self.pp - 1, 0)
+
+    def plan(self, rank: int, num_layers: int) -> RankPlan:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the gang of {self.world_size}")
+        stage, tp_rank = divmod(rank, self.tp)
+        shard = ShardInfo(stage, self.pp, self.layer_ranges(num_layers)[stage], tp_rank, self.tp)
+        return RankPlan(
+            rank=rank,
+            shard=shard,
+            tp_group=self.stage_ranks(stage),
+            prev_rank=self.rank(stage - 1, tp_rank) if stage > 0 else None,
+            next_rank=self.rank(stage + 1, tp_rank) if stage < self.pp - 1 else None,
+        )
+
+    def plans(self, num_layers: int) -> list[RankPlan]:
+        return [self.plan(rank, num_layers) for rank in range(self.world_size)]
+
+    # -- placement -------------------------------------------------------------------
+    @property
+    def placement_strategy(self) -> str:
+        # A TP group must share a host; pipeline stages may spread over hosts.
+        return "STRICT_PACK" if self.pp == 1 else "PACK"
+
+    def worker_bundles(self, device: str, cpus_per_worker: float) -> list[dict[str, float]]:
+        """One placement-group bundle per worker, in rank order."""
+        bundle = {"GPU": 1.0} if device == "cuda" else {"CPU": float(cpus_per_worker)}
+        return [dict(bundle) for _ in range(self.world_size)]

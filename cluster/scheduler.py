@@ -45,8 +45,8 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort", once FINISHED
     in_flight: bool = False  # part of a micro-batch still inside the pipeline
-    aborted: bool = False
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its first full blocks
     num_registered: int = 0  # leading blocks already in the prefix cache (matched or registered)
     admitted_len: int = 0  # num_tokens when last admitted: positions below it are prefill/recompute
@@ -95,8 +95,12 @@ class Scheduler:
         max_num_batched_tokens: int,
         num_micro_batches: int = 1,
         enable_prefix_caching: bool = True,
+        max_model_len: int | None = None,  # a sequence this long stops ("length"); None = no limit
+        eos_token_ids: frozenset[int] = frozenset(),
     ):
         self.allocator = allocator
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
         self.block_size = allocator.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -116,8 +120,9 @@ class Scheduler:
         self.waiting.append(seq)
         return seq
 
-    def finish(self, seq: Sequence) -> None:
-        """Retire a sequence and free its blocks at once (finished, aborted or failed)."""
+    def finish(self, seq: Sequence, reason: str = "abort") -> None:
+        """Retire a sequence and free its blocks at once (finished, aborted or failed). A step of it
+        still inside the pipeline only writes K/V to positions it owned; its result is dropped."""
         if seq.status is SeqStatus.FINISHED:
             return
         if seq.status is SeqStatus.RUNNING:
@@ -126,9 +131,44 @@ class Scheduler:
             self.waiting.remove(seq)
         self._release(seq)
         seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
 
-    def has_work(self) -> bool:
-        return bool(self.waiting) or any(not s.in_flight for s in self.running)
+    def update(self, batch: Batch, token_ids: list[int]) -> list[tuple[Sequence, int]]:
+        """Apply a step that came back, with one sampled token per sampling entry, in order.
+
+        Each live entry's computed count advances; a sampled sequence gets its token and is
+        finished when it hits a stop token, EOS, max_tokens or the context length
+        (``finish_reason`` says which). Returns (sequence, its row in token_ids) for every live
+        sampled sequence, finished ones included, so their last token still reaches the caller.
+        """
+        sampled = []
+        rows = iter(range(len(token_ids)))
+        for e in batch.entries:
+            seq = e.seq
+            seq.in_flight = False
+            row = next(rows) if e.samples else None
+            if seq.status is SeqStatus.FINISHED:  # aborted while its step was in the pipeline
+                continue
+            seq.num_computed = e.start + e.num_new
+            if row is None:
+                continue
+            token = token_ids[row]
+            seq.output_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+            sampled.append((seq, row))
+        return sampled
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens:
+            return "length"
+        if self.max_model_len is not None and seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
 
     @property
     def num_unfinished(self) -> int:

@@ -18,16 +18,13 @@ import torch
 import torch.distributed as dist
 
 from cluster.comm import GlooGroup, ShmGroup
-from cluster.parallel import ParallelConfig
+from cluster.config import EngineConfig
 from model import cpu_kernels
-from model.attention import AttentionMetadata, allocate_kv_cache
+from model.attention import AttentionMetadata, allocate_kv_cache, kv_cache_shape
 from model.config import ModelSpec
 from model.layers import SingleGroup
-from model.loader import LoadReport, ShardInfo, load_model
+from model.loader import LoadReport, load_model
 from model.sampling import SampleOutput, SamplingParams, sample
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class StepInput:
@@ -50,32 +47,27 @@ class StepInput:
     steps: list[int]  # tokens generated so far by each sampled row's request
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    model_dir: str
-    spec: ModelSpec
-    parallel: ParallelConfig
-    dtype: str = "float32"
-    device: str = "cpu"
-    num_threads: int = 1
-    dist_timeout_s: float = 60.0
-    shm_max_elems: int = 1 << 20  # largest tensor a shared-memory collective carries
+DIST_TIMEOUT_S = 60.0  # rendezvous and collectives; a peer silent this long has failed
 
 
 class Worker:
-    def __init__(self, rank: int, config: WorkerConfig):
-        self.rank = rank
+    def __init__(self, rank: int, config: EngineConfig, model_dir: str):
         self.config = config
+        self.model_dir = model_dir
+        self.spec = ModelSpec.from_pretrained(model_dir)
         self.parallel = config.parallel
-        self.stage, self.tp_rank = self.parallel.coords(rank)
-        self.is_first = self.stage == 0
-        self.is_last = self.stage == self.parallel.pp - 1
-        self.dtype = DTYPES[config.dtype]
+        self.plan = self.parallel.plan(rank, self.spec.num_layers)
+        self.shard = self.plan.shard
+        self.dtype = getattr(torch, config.dtype)
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(config.num_threads)
+            torch.set_num_threads(max(1, int(config.worker_cpus())))
         elif self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        # The largest tensor a TP collective carries: a step's hidden states, or its gathered logits.
+        self.shm_max_elems = max(
+            config.max_num_batched_tokens * self.spec.hidden_size, config.max_num_seqs * self.spec.vocab_size
+        )
         self.tp_group = SingleGroup()
         self.model = None
         self.kv_caches: list[torch.Tensor] = []
@@ -102,34 +94,32 @@ class Worker:
             0,
             self.parallel.world_size,
             True,
-            timedelta(seconds=self.config.dist_timeout_s),
+            timedelta(seconds=DIST_TIMEOUT_S),
             wait_for_workers=False,  # the others join in init_distributed
         )
         return ip, self._store.port
 
     def create_shm_segment(self) -> str:
         """A TP group leader makes the shared-memory segment its group talks through."""
-        self._own_segment = ShmGroup.create_segment(self.parallel.tp, self.config.shm_max_elems)
+        self._own_segment = ShmGroup.create_segment(self.parallel.tp, self.shm_max_elems)
         return self._own_segment
 
     def init_distributed(self, store_ip: str, store_port: int, shm_name: str | None) -> None:
         world = self.parallel.world_size
-        timeout = timedelta(seconds=self.config.dist_timeout_s)
+        timeout = timedelta(seconds=DIST_TIMEOUT_S)
         if world > 1:
             if self._store is None:
                 self._store = dist.TCPStore(store_ip, store_port, world, False, timeout)
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, store=self._store, rank=self.rank, world_size=world, timeout=timeout)
-        tp = self.parallel.tp
+            dist.init_process_group(backend, store=self._store, rank=self.plan.rank, world_size=world, timeout=timeout)
+        tp, tp_rank = self.shard.tp_size, self.shard.tp_rank
         if tp > 1:
             # Every rank must create every group, in the same order.
-            groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(self.parallel.pp)]
+            groups = [dist.new_group(list(self.parallel.stage_ranks(s))) for s in range(self.parallel.pp)]
             if shm_name is not None:
-                self.tp_group = ShmGroup(
-                    shm_name, self.tp_rank, tp, self.config.shm_max_elems, timeout_s=self.config.dist_timeout_s
-                )
+                self.tp_group = ShmGroup(shm_name, tp_rank, tp, self.shm_max_elems, timeout_s=DIST_TIMEOUT_S)
             else:
-                self.tp_group = GlooGroup(groups[self.stage], self.tp_rank, tp)
+                self.tp_group = GlooGroup(groups[self.shard.stage], tp_rank, tp)
 
     def release_shm_segment(self) -> None:
         """Unlink the segment once every rank has it mapped: the mappings live on, and no crash can leak the file."""
@@ -138,29 +128,15 @@ class Worker:
             self._own_segment = None
 
     def load(self) -> LoadReport:
-        spec = self.config.spec
-        layer_range = self.parallel.layer_ranges(spec.num_layers)[self.stage]
-        shard = ShardInfo(self.stage, self.parallel.pp, layer_range, self.tp_rank, self.parallel.tp)
-        self.model, report = load_model(
-            self.config.model_dir, spec, shard, self.tp_group, self.dtype, self.device
-        )
-        self.layer_range = layer_range
+        self.model, report = load_model(self.model_dir, self.spec, self.shard, self.tp_group, self.dtype, self.device)
         if self.device.type == "cpu":
             cpu_kernels.load()  # compiled attention and element-wise ops; plain torch where they cannot be built
         return report
 
-    def init_cache(self, num_blocks: int, block_size: int) -> None:
-        spec = self.config.spec
-        num_layers = self.layer_range[1] - self.layer_range[0]
-        self.kv_caches = allocate_kv_cache(
-            num_layers,
-            num_blocks,
-            block_size,
-            self.model.num_kv_heads_per_partition,
-            spec.head_dim,
-            self.dtype,
-            self.device,
-        )
+    def init_cache(self, num_blocks: int) -> None:
+        block_size = self.config.block_size
+        shape = kv_cache_shape(self.spec, self.shard, num_blocks, block_size)
+        self.kv_caches = allocate_kv_cache(shape, self.dtype, self.device)
         self._block_size = block_size
 
     # -- the step ---------------------------------------------------------------
@@ -178,25 +154,25 @@ class Worker:
         )
         positions = as_tensor(step.positions)
         num_tokens = len(step.token_ids)
-        if self.is_first:
+        if self.shard.is_first:
             x = as_tensor(step.token_ids)
         else:
-            x = torch.empty(num_tokens, self.config.spec.hidden_size, dtype=self.dtype, device=dev)
-            dist.recv(x, src=self.rank - self.parallel.tp)
+            x = torch.empty(num_tokens, self.spec.hidden_size, dtype=self.dtype, device=dev)
+            dist.recv(x, src=self.plan.prev_rank)
         hidden = self.model(x, positions, meta, self.kv_caches)
-        if not self.is_last:
+        if not self.shard.is_last:
             if self._pending_send is not None:
                 self._pending_send.wait()  # the previous step's tensor may be freed only once sent
-            self._pending_send = dist.isend(hidden.contiguous(), dst=self.rank + self.parallel.tp)
+            self._pending_send = dist.isend(hidden.contiguous(), dst=self.plan.next_rank)
             return None
         logits = self.model.compute_logits(hidden[as_tensor(step.sample_rows)])
-        if self.tp_rank != 0:
+        if self.plan.rank != self.parallel.sampler_rank:
             return None
         return sample(logits.float(), step.sampling, step.seeds, step.steps)
 
     # -- health and teardown ------------------------------------------------------
     def ping(self) -> int:
-        return self.rank
+        return self.plan.rank
 
     def shutdown(self) -> None:
         if isinstance(self.tp_group, ShmGroup):

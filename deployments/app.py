@@ -7,7 +7,7 @@ from pathlib import Path
 from ray.serve import Application
 from ray.serve.config import gRPCOptions
 
-from deployments.config import AppConfig, parse_app_config
+from deployments.config import AppConfig, Listeners, parse_app_config
 from deployments.llm_server import llm_server_deployment
 from deployments.router import Router
 from model.sources import DEFAULT_MODEL
@@ -16,11 +16,11 @@ from model.sources import DEFAULT_MODEL
 GRPC_SERVICER = "deployments.proto.shardserve_pb2_grpc.add_ShardServeServicer_to_server"
 
 
-def grpc_options(config: AppConfig) -> gRPCOptions | None:
-    """Serve's gRPC proxy settings for this config; None when gRPC is off."""
-    if config.grpc_port is None:
+def grpc_options(listeners: Listeners) -> gRPCOptions | None:
+    """Serve's gRPC proxy settings for these listeners; None when gRPC is off."""
+    if listeners.grpc_port is None:
         return None
-    return gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
+    return gRPCOptions(port=listeners.grpc_port, grpc_servicer_functions=[GRPC_SERVICER])
 
 
 def served_name(config: AppConfig) -> str:

@@ -10,15 +10,12 @@ back to the target; Serve applies the config's bounds and delays around it.
 
 from __future__ import annotations
 
-
-def kv_cache_usage(stats: dict) -> float:
-    """Share of the engine's KV blocks held by sequences (cached-but-free prefix blocks count as free)."""
-    return (stats["kv_blocks_total"] - stats["kv_blocks_free"]) / stats["kv_blocks_total"]
+from cluster.protocol import EngineStats
 
 
-def engine_utilization(stats: dict, max_num_seqs: int) -> float:
+def engine_utilization(stats: EngineStats, max_num_seqs: int) -> float:
     """1.0 = the batch or the KV cache is full; waiting sequences count as extra load."""
-    return max(stats["running"] / max_num_seqs, kv_cache_usage(stats)) + stats["waiting"] / max_num_seqs
+    return max(stats.running / max_num_seqs, stats.kv_cache_usage) + stats.waiting / max_num_seqs
 
 
 class EngineUtilizationPolicy:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 
-from model.sampling import SamplingParams
+from cluster.config import EngineConfig
+from deployments.config import AppConfig, Listeners, load_serve_file, parse_app_config
+from model.sampling_params import SamplingParams
 
 DEMO_PROMPTS = [
     "What is the capital of France?",
@@ -20,32 +25,61 @@ DEMO_PROMPTS = [
 ]
 
 
-# Flags that override the same-named AppConfig field when given.
-ENGINE_FLAGS = ("model", "tensor_parallel_size", "pipeline_parallel_size", "dtype", "device", "max_model_len")
-SERVE_FLAGS = ("served_model_name", "num_replicas", "host", "port", "grpc_port", "api_key")
+# Every EngineConfig field is a flag of both commands, and these AppConfig fields of `serve`; each
+# flag is named after its field (--max-num-seqs for max_num_seqs) and overrides the config file.
+SERVE_FIELDS = ("served_model_name", "num_replicas", "max_queued_requests", "routing", "api_key")
+SHORT_FLAGS = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}
+LISTENER_FLAGS = ("host", "port", "grpc_port")  # override the Serve config's http_options / grpc_options
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _flag_kind(annotation) -> dict:
+    """argparse settings for a config field's type (Optional stripped: None means "not given")."""
+    kind = annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (kind,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(kind) is typing.Literal:
+        return {"choices": typing.get_args(kind)}
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(kind) is tuple:
+        return {"type": _int_list, "metavar": "N,N,..."}
+    return {"type": kind}
+
+
+def _add_field_flags(p: argparse.ArgumentParser, model, names) -> None:
+    for name in names:
+        field = model.model_fields[name]
+        flags = ["--" + name.replace("_", "-")] + ([SHORT_FLAGS[name]] if name in SHORT_FLAGS else [])
+        default = "null" if field.default is None else field.default
+        p.add_argument(*flags, dest=name, default=None, help=f"{field.description} (default: {default})",
+                       **_flag_kind(field.annotation))  # fmt: skip
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="AppConfig YAML (a Serve config file or a bare mapping)")
-    p.add_argument("--model", default=None, help="HF directory, .gguf file, or omit for the bundled SmolLM2-135M-Instruct")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    p.add_argument("--max-model-len", type=int, default=None)
+    _add_field_flags(p, EngineConfig, EngineConfig.model_fields)
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
 
 
-def _app_config(args: argparse.Namespace):
-    """The config file (or defaults) with the flags given on the command line laid over it."""
-    from deployments.config import AppConfig, load_app_config, parse_app_config
+def _given(args: argparse.Namespace, names) -> dict:
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
-    base = load_app_config(args.config) if args.config else AppConfig()
-    flags = [name for name in ENGINE_FLAGS + SERVE_FLAGS if getattr(args, name, None) is not None]
-    overrides = {name: getattr(args, name) for name in flags}
+
+def _app_config(args: argparse.Namespace):
+    """The config file (or defaults) with the flags given on the command line laid over it, and its listeners."""
+    base, listeners = load_serve_file(args.config) if args.config else (AppConfig(), Listeners())
+    overrides = _given(args, [*EngineConfig.model_fields, *SERVE_FIELDS])
     if "num_replicas" in overrides:
         overrides["autoscaling"] = None  # a fixed count on the command line replaces the file's autoscaling
-    return parse_app_config({**base.model_dump(), **overrides}, "command line")
+    config = parse_app_config({**base.model_dump(), **overrides}, "command line")
+    return config, dataclasses.replace(listeners, **_given(args, LISTENER_FLAGS))
 
 
 def _start_ray(address: str | None, dashboard: bool = False):
@@ -75,11 +109,10 @@ def _read_prompts(args: argparse.Namespace) -> list[dict]:
 
 
 async def _generate_all(engine, prompts: list[dict], args: argparse.Namespace) -> list[dict]:
-    from model.tokenizer import encode_prompt
+    from cluster.protocol import GenerateRequest
 
     async def one(item: dict) -> dict:
         source = item.get("messages", item.get("prompt"))
-        ids = encode_prompt(engine.tokenizer, source, raw=args.raw)
         params = SamplingParams(
             max_tokens=item.get("max_tokens", args.max_tokens),
             temperature=item.get("temperature", args.temperature),
@@ -88,7 +121,7 @@ async def _generate_all(engine, prompts: list[dict], args: argparse.Namespace) -
             seed=item.get("seed", args.seed),
         )
         text, token_ids, reason = "", [], None
-        async for out in engine.generate(ids, params):
+        async for out in engine.generate(GenerateRequest(source, params, raw=args.raw)):
             text += out.text
             token_ids += out.token_ids
             reason = out.finish_reason
@@ -101,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from cluster.engine import LLMEngine
 
     prompts = _read_prompts(args)
-    config = _app_config(args).engine_config()
+    config = _app_config(args)[0].engine_config()
     _start_ray(args.address)
     engine = LLMEngine(config)
 
@@ -121,15 +154,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from deployments.app import build_app, grpc_options, served_name
 
-    config = _app_config(args)
+    config, listen = _app_config(args)
     ctx = _start_ray(args.address, dashboard=True)
-    serve.start(http_options={"host": config.host, "port": config.port}, grpc_options=grpc_options(config))
+    serve.start(http_options={"host": listen.host, "port": listen.port}, grpc_options=grpc_options(listen))
     serve.run(build_app(config), name="shardserve", route_prefix="/")
-    url = f"http://{config.host}:{config.port}"
+    url = f"http://{listen.host}:{listen.port}"
     auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
     print(f"shardserve is up at {url}/v1 serving model {served_name(config)!r}", flush=True)
-    if config.grpc_port is not None:
-        print(f"  gRPC: {config.host}:{config.grpc_port} (deployments/proto/shardserve.proto)")
+    if listen.grpc_port is not None:
+        print(f"  gRPC: {listen.host}:{listen.grpc_port} (deployments/proto/shardserve.proto)")
     print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\": \"{served_name(config)}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")  # fmt: skip
     if ctx.dashboard_url:
@@ -164,12 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API on Ray Serve")
     _add_engine_args(srv)
-    srv.add_argument("--served-model-name", default=None)
-    srv.add_argument("--num-replicas", type=int, default=None)
-    srv.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
-    srv.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000)")
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    _add_field_flags(srv, AppConfig, SERVE_FIELDS)
+    srv.add_argument("--host", default=None, help="listen address (default: the config's http_options, else 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's http_options, else 8000)")
+    srv.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: the config's grpc_options, else 9000)")
     srv.set_defaults(func=cmd_serve)
 
     from deployments.k8s import add_k8s_parser

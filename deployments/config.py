@@ -7,13 +7,14 @@ AppConfig), so ``serve run``, ``serve deploy``, ``shardserve`` and the KubeRay
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.engine import EngineConfig
+from cluster.config import EngineConfig
 
 
 class AutoscalingConfig(BaseModel):
@@ -43,39 +44,16 @@ class AutoscalingConfig(BaseModel):
         return self
 
 
-class AppConfig(BaseModel):
+class AppConfig(EngineConfig):
+    """The engine's settings (EngineConfig) plus how the replicas are served."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str | None = Field(
-        None, description="HF directory, .gguf file, or null for the bundled SmolLM2-135M-Instruct."
-    )
     served_model_name: str | None = Field(
         None, description="Name clients pass as `model`; defaults to the model directory's name."
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weight and activation dtype.")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="Where workers run: one GPU each on cuda.")
-    tensor_parallel_size: int = Field(1, ge=1, description="Workers that split each layer (must divide the heads).")
-    pipeline_parallel_size: int = Field(1, ge=1, description="Stages the layers are split into.")
-    max_model_len: int | None = Field(
-        None, ge=1, description="Longest prompt + output in tokens; null = the model's limit capped by the KV cache."
-    )
-    max_num_seqs: int = Field(32, ge=1, description="Most sequences in one batch.")
-    max_num_batched_tokens: int = Field(512, ge=1, description="Most tokens computed in one step; longer prompts are chunked.")
-    num_kv_blocks: int | None = Field(None, ge=1, description="KV cache blocks per worker; null = from kv_cache_memory_gib.")
-    kv_cache_memory_gib: float = Field(1.0, gt=0, description="KV cache memory per worker when num_kv_blocks is null.")
-    enable_prefix_caching: bool = Field(
-        True, description="Reuse the KV blocks of prompt prefixes already computed (same system prompt, same chat)."
-    )
-    cpus_per_worker: float | None = Field(
-        None, gt=0, description="CPUs reserved per worker on cpu; null = 1 when serving, the host's cores shared offline."
-    )
     num_replicas: int | None = Field(1, ge=1, description="Fixed replica count; set to null when autoscaling is used.")
     autoscaling: AutoscalingConfig | None = Field(None, description="Scale replicas on load instead of a fixed count.")
-    host: str = Field("127.0.0.1", description="HTTP listen address.")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible endpoint.")
-    grpc_port: int | None = Field(
-        9000, ge=1, le=65535, description="gRPC port (deployments/proto/shardserve.proto); null = no gRPC."
-    )
     max_queued_requests: int = Field(
         -1,
         ge=-1,
@@ -97,20 +75,8 @@ class AppConfig(BaseModel):
         return self
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model,
-            tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
-            dtype=self.dtype,
-            device=self.device,
-            max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            num_kv_blocks=self.num_kv_blocks,
-            kv_cache_memory_gib=self.kv_cache_memory_gib,
-            cpus_per_worker=self.cpus_per_worker,
-            enable_prefix_caching=self.enable_prefix_caching,
-        )
+        """The engine's part of this config (the serving fields left out)."""
+        return EngineConfig.model_construct(**self.model_dump(include=set(EngineConfig.model_fields)))  # validated here
 
 
 class ConfigError(ValueError):
@@ -121,30 +87,78 @@ def parse_app_config(data: dict, source: str = "config") -> AppConfig:
     try:
         return AppConfig.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()
-        )
-        raise ConfigError(f"{source}: {problems}") from None
+        raise ConfigError(f"{source}: {_problems(e)}") from None
 
 
-def load_app_config(path: str | Path) -> AppConfig:
-    """Read a Serve config YAML (AppConfig under applications[0].args) or a bare AppConfig mapping."""
+LISTENER_FIELDS = ("host", "port", "grpc_port")  # not AppConfig fields: Serve's http_options / grpc_options
+
+
+def _problems(e: ValidationError) -> str:
+    problems = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        hint = ""
+        if err["type"] == "extra_forbidden" and err["loc"][-1] in LISTENER_FIELDS:
+            hint = " (listeners are set in the Serve config's http_options and grpc_options)"
+        problems.append(f"{where}: {err['msg']}{hint}")
+    return "; ".join(problems)
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """Where Serve's proxies listen. A Serve config file says it in its own http_options and
+    grpc_options, which `serve run` reads too; without a file these defaults apply."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int | None = 9000  # None: no gRPC server
+
+
+def load_serve_file(path: str | Path) -> tuple[AppConfig, Listeners]:
+    """Read a Serve config YAML (AppConfig under applications[0].args, listeners in http_options and
+    grpc_options) or a bare AppConfig mapping (default listeners)."""
     path = Path(path)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    if "applications" in data:
-        apps = data["applications"]
-        if not isinstance(apps, list) or not apps:
-            raise ConfigError(f"{path}: applications must be a non-empty list")
-        return parse_app_config(apps[0].get("args") or {}, f"{path}: applications[0].args")
-    return parse_app_config(data, str(path))
+    if "applications" not in data:
+        return parse_app_config(data, str(path)), Listeners()
+    apps = data["applications"]
+    if not isinstance(apps, list) or not apps:
+        raise ConfigError(f"{path}: applications must be a non-empty list")
+    config = parse_app_config(apps[0].get("args") or {}, f"{path}: applications[0].args")
+    return config, serve_listeners(data, str(path))
+
+
+def check_serve_schema(serve_config: dict, source: str = "config"):
+    """The file as Ray Serve reads it (its ServeDeploySchema); ConfigError naming what Serve refuses."""
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        return ServeDeploySchema.model_validate(serve_config)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: not a valid Ray Serve config: {_problems(e)}") from None
+
+
+def serve_listeners(serve_config: dict, source: str = "config") -> Listeners:
+    """The listeners a Serve config asks for, with Serve's own defaults for what it leaves out."""
+    schema = check_serve_schema(serve_config, source)
+    grpc = schema.grpc_options
+    return Listeners(
+        host=schema.http_options.host,
+        port=schema.http_options.port,
+        grpc_port=grpc.port if grpc.grpc_servicer_functions else None,  # Serve starts no gRPC server without them
+    )
+
+
+def load_app_config(path: str | Path) -> AppConfig:
+    return load_serve_file(path)[0]
 
 
 def config_reference() -> str:
     """The README's config table, built from the field descriptions so the two cannot drift."""
     rows = ["| field | default | meaning |", "|---|---|---|"]
-    for prefix, model in (("", AppConfig), ("autoscaling.", AutoscalingConfig)):
+    for prefix, model in (("", AppConfig), ("autoscaling.", AutoscalingConfig)):  # engine fields first
         for name, f in model.model_fields.items():
             default = "null" if f.default is None else f"`{f.default}`"
             rows.append(f"| `{prefix}{name}` | {default} | {f.description} |")

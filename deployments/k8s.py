@@ -25,11 +25,11 @@ from pathlib import Path
 
 import yaml
 
-from deployments.config import AppConfig, ConfigError, parse_app_config
+from deployments.config import AppConfig, ConfigError, Listeners, check_serve_schema, parse_app_config, serve_listeners
+from deployments.placement import ROUTER_CPUS, replica_bundles
 
 APP_IMPORT_PATH = "deployments.app:build_app"
 IMAGE_VERSION = "0.1.0"  # the shardserve version baked into the placeholder image tags
-ROUTER_CPUS = 0.1  # Router's ray_actor_options in deployments/router.py (not imported: it loads the gRPC stubs)
 RAY_VERSION = version("ray")  # the cluster runs the Ray this package pins
 UPGRADE_TYPES = ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
 MAX_RAYSERVICE_NAME = 47  # the operator's limit, so the names it derives stay within 63 characters
@@ -51,14 +51,14 @@ class ResourceFitError(ValueError):
 # -- the Serve config, made cluster-ready --------------------------------------------------------
 
 
-def cluster_serve_config(serve_config: dict, source: str = "config") -> tuple[dict, AppConfig]:
-    """The Serve config as it must run on KubeRay, and its AppConfig.
+def cluster_serve_config(serve_config: dict, source: str = "config") -> tuple[dict, AppConfig, Listeners]:
+    """The Serve config as it must run on KubeRay, its AppConfig, and where its proxies listen.
 
     Proxies run on every node (KubeRay's worker readiness probe asks the local proxy for
     /-/healthz) and listen on 0.0.0.0 so the Kubernetes Services reach them. Everything else
     is carried over; ``args`` keeps the fields the file sets, normalized by AppConfig.
     """
-    if "applications" not in serve_config:  # a bare AppConfig mapping, as load_app_config accepts
+    if "applications" not in serve_config:  # a bare AppConfig mapping, as load_serve_file accepts
         app = {"name": "shardserve", "route_prefix": "/", "import_path": APP_IMPORT_PATH, "args": serve_config}
         serve_config = {"applications": [app]}
     apps = serve_config["applications"]
@@ -70,40 +70,18 @@ def cluster_serve_config(serve_config: dict, source: str = "config") -> tuple[di
         raise ConfigError(f"{source}: applications[0].import_path must be {APP_IMPORT_PATH!r}, got {got!r}")
     given = app.get("args") or {}
     config = parse_app_config(given, f"{source}: applications[0].args")
-    config = config.model_copy(update={"host": "0.0.0.0"})
     # Only what the file sets (nested blocks too), so new AppConfig fields do not change manifests.
-    args = config.model_dump(mode="json", include=set(given) | {"host", "port"}, exclude_unset=True)
-    args.update(host=config.host, port=config.port)
+    args = config.model_dump(mode="json", include=set(given), exclude_unset=True)
 
     out: dict = {
         "proxy_location": "EveryNode",
-        "http_options": {**(serve_config.get("http_options") or {}), "host": "0.0.0.0", "port": config.port},
+        "http_options": {**(serve_config.get("http_options") or {}), "host": "0.0.0.0"},
     }
     for key, value in serve_config.items():
         if key not in ("proxy_location", "http_options", "applications"):
             out[key] = value
     out["applications"] = [{**app, "args": args}]
-    _check_serve_schema(out, source)
-    return out, config
-
-
-def _check_serve_schema(serve_config: dict, source: str) -> None:
-    from pydantic import ValidationError
-    from ray.serve.schema import ServeDeploySchema
-
-    try:
-        ServeDeploySchema.model_validate(serve_config)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{source}: not a valid Ray Serve config: {problems}") from None
-
-
-def grpc_port(serve_config: dict) -> int | None:
-    """The gRPC proxy port, or None when no servicer is configured (Serve then starts no gRPC server)."""
-    options = serve_config.get("grpc_options") or {}
-    if not options.get("grpc_servicer_functions"):
-        return None
-    return int(options.get("port", 9000))  # Serve's gRPCOptions default
+    return out, config, serve_listeners(out, source)
 
 
 # -- what one replica needs, and how many pods that takes ---------------------------------------
@@ -134,18 +112,14 @@ def serve_replica_range(config: AppConfig) -> tuple[int, int]:
 
 def replica_units(config: AppConfig) -> tuple[list[Resources], str, str]:
     """The parts of one replica that must each land on one pod, the PG strategy, and a description."""
-    # Imported here, not at the top, so registering the CLI does not load Ray Serve and the model code.
-    from cluster.gang import placement_strategy
-    from deployments.llm_server import replica_bundles, replica_engine_config
-
     bundles = replica_bundles(config)
-    parallel = replica_engine_config(config).parallel
-    strategy = placement_strategy(parallel)
+    parallel = config.parallel
+    strategy = parallel.placement_strategy
     layout = f"tp={parallel.tp} x pp={parallel.pp}"
     if strategy == "STRICT_PACK":
         return [_add(*bundles)], strategy, f"{layout}, STRICT_PACK: the whole gang on one pod"
     workers = bundles[1:]
-    stages = [_add(*workers[s * parallel.tp : (s + 1) * parallel.tp]) for s in range(parallel.pp)]
+    stages = [_add(*(workers[r] for r in parallel.stage_ranks(s))) for s in range(parallel.pp)]
     stages[0] = _add(bundles[0], stages[0])  # the replica's own bundle travels with stage 0
     return stages, strategy, f"{layout}, {strategy}: each stage's tp bundles on one pod"
 
@@ -269,7 +243,7 @@ def _dump(doc) -> str:
 
 def build_rayservice(serve_config: dict, opts: RenderOptions) -> tuple[dict, AppConfig]:
     """The RayService document (a dict in manifest order) and the AppConfig it serves."""
-    serve_cfg, config = cluster_serve_config(serve_config, opts.config)
+    serve_cfg, config, listen = cluster_serve_config(serve_config, opts.config)
     gpu = config.device == "cuda"
     if opts.gpu and not gpu:
         raise ConfigError(f"{opts.config}: --gpu needs device: cuda in applications[0].args, got {config.device}")
@@ -280,9 +254,9 @@ def build_rayservice(serve_config: dict, opts: RenderOptions) -> tuple[dict, App
     image = opts.image or f"shardserve:{IMAGE_VERSION}-{'gpu' if gpu else 'cpu'}"
     name = opts.name or f"shardserve-{Path(opts.config).stem}"
 
-    head_ports = dict(HEAD_PORTS, serve=config.port)
-    if (grpc := grpc_port(serve_cfg)) is not None:
-        head_ports["grpc"] = grpc
+    head_ports = dict(HEAD_PORTS, serve=listen.port)
+    if listen.grpc_port is not None:
+        head_ports["grpc"] = listen.grpc_port
     head_container = {
         "name": "ray-head",
         "image": image,
@@ -296,7 +270,7 @@ def build_rayservice(serve_config: dict, opts: RenderOptions) -> tuple[dict, App
         "imagePullPolicy": "IfNotPresent",
         "env": WORKER_ENV,
         # KubeRay's worker readiness probe checks the Serve proxy on the port named "serve".
-        "ports": [{"name": "serve", "containerPort": config.port}, {"name": "metrics", "containerPort": METRICS_PORT}],
+        "ports": [{"name": "serve", "containerPort": listen.port}, {"name": "metrics", "containerPort": METRICS_PORT}],
         "resources": worker.resources(),
     }
     worker_pod: dict = {"containers": [worker_container]}
@@ -508,7 +482,7 @@ def check_manifest(manifest: dict, source: str = "manifest") -> AppConfig:
         serve_cfg = yaml.safe_load(manifest["spec"].get("serveConfigV2") or "")
         if not isinstance(serve_cfg, dict):
             raise ConfigError("serveConfigV2: expected a YAML mapping")
-        _check_serve_schema(serve_cfg, "serveConfigV2")
+        check_serve_schema(serve_cfg, "serveConfigV2")
         args = (serve_cfg["applications"][0] or {}).get("args") or {}
         config = parse_app_config(args, "serveConfigV2: applications[0].args")
         check_resource_fit(manifest)

@@ -14,27 +14,15 @@ from typing import AsyncIterator
 from ray import serve
 from ray.util import get_current_placement_group
 
-from cluster.engine import EngineConfig, LLMEngine
-from cluster.gang import placement_strategy, worker_bundles
+from cluster.engine import LLMEngine
+from cluster.protocol import GenerateRequest, InvalidRequestError
 from deployments.autoscaling import engine_utilization
 from deployments.config import AppConfig, AutoscalingConfig
 from deployments.metrics import ReplicaMetrics, RequestTimer
-from model.sampling import SamplingParams
-from model.tokenizer import encode_prompt
+from deployments.placement import REPLICA_CPUS, replica_bundles, replica_engine_config
+from deployments.protocol import RequestError, ServedOutput
 
-REPLICA_CPUS = 0.1  # the replica process itself only schedules; workers do the math
 METRICS_PERIOD_S = 2.0  # how often engine gauges are refreshed
-
-
-def replica_engine_config(config: AppConfig) -> EngineConfig:
-    """A replica reserves whole CPUs per worker unless the config says otherwise."""
-    return config.model_copy(update={"cpus_per_worker": config.cpus_per_worker or 1.0}).engine_config()
-
-
-def replica_bundles(config: AppConfig) -> list[dict[str, float]]:
-    """Bundle 0 holds the replica; one bundle per worker follows, in rank order."""
-    engine = replica_engine_config(config)
-    return [{"CPU": REPLICA_CPUS}] + worker_bundles(engine.parallel, engine.device, engine.cpus_per_worker)
 
 
 class LLMServer:
@@ -59,41 +47,18 @@ class LLMServer:
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {"engine_utilization": engine_utilization(self.engine.stats(), self.max_num_seqs)}
 
-    async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """Stream deltas for one request; the first item is {"error": ...} when it cannot run."""
-        try:
-            ids = encode_prompt(self.engine.tokenizer, request["prompt"], raw=request.get("raw", False))
-            sampling = dict(request["sampling"])
-            if sampling.get("max_tokens") is None:  # OpenAI's default: the rest of the context
-                sampling["max_tokens"] = max(1, self.engine.max_model_len - len(ids))
-            params = SamplingParams(**sampling)
-            self.engine.check_request(ids, params)
-        except ValueError as e:
-            yield {"error": str(e)}
-            return
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[ServedOutput]:
+        """Stream one request's deltas; a request that can never run raises RequestError before any."""
         self._ensure_reporting()
         timer = RequestTimer(self.metrics, time.monotonic())
-        async for out in self.engine.generate(ids, params):
-            timer.tokens(time.monotonic(), len(out.token_ids))
-            if out.finished:
-                timer.finished(time.monotonic(), out.prompt_tokens)
-            yield {
-                "replica": self.replica,
-                "text": out.text,
-                "token_ids": out.token_ids,
-                "finish_reason": out.finish_reason,
-                "prompt_tokens": out.prompt_tokens,
-                "completion_tokens": out.completion_tokens,
-                "logprobs": [
-                    {
-                        "token_id": lp.token_id,
-                        "token": self.engine.tokenizer.decode([lp.token_id]),
-                        "logprob": lp.logprob,
-                        "top": [(self.engine.tokenizer.decode([t]), v) for t, v in (lp.top or [])],
-                    }
-                    for lp in (out.logprobs or [])
-                ],
-            }
+        try:
+            async for out in self.engine.generate(request):
+                timer.tokens(time.monotonic(), len(out.token_ids))
+                if out.finished:
+                    timer.finished(time.monotonic(), out.prompt_tokens)
+                yield ServedOutput(self.replica, out)
+        except InvalidRequestError as e:
+            raise RequestError.invalid(str(e), code="invalid_request") from None
 
     async def check_health(self) -> None:
         self._ensure_reporting()  # metrics flow from the first health check on, before any request
@@ -127,7 +92,7 @@ def llm_server_deployment(config: AppConfig):
     options = dict(
         name="LLMServer",
         placement_group_bundles=replica_bundles(config),
-        placement_group_strategy=placement_strategy(replica_engine_config(config).parallel),
+        placement_group_strategy=config.parallel.placement_strategy,
         ray_actor_options={"num_cpus": REPLICA_CPUS},
         max_ongoing_requests=config.max_num_seqs * 2,
         max_queued_requests=config.max_queued_requests,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from ray.util import metrics
 
-from deployments.autoscaling import engine_utilization, kv_cache_usage
+from cluster.protocol import EngineStats
+from deployments.autoscaling import engine_utilization
 
 # Seconds; spans a fast GPU token (1 ms) to a long generation (minutes).
 LATENCY_BOUNDARIES = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120, 300]
@@ -65,16 +66,16 @@ class ReplicaMetrics:
                   self.waiting, self.kv_usage, self.engine_utilization, *self.engine_counters.values()):  # fmt: skip
             m.set_default_tags(tags)
 
-    def engine(self, stats: dict, max_num_seqs: int) -> None:
-        self.running.set(stats["running"])
-        self.waiting.set(stats["waiting"])
-        self.kv_usage.set(kv_cache_usage(stats))
+    def engine(self, stats: EngineStats, max_num_seqs: int) -> None:
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
         self.engine_utilization.set(engine_utilization(stats, max_num_seqs))
         for key, counter in self.engine_counters.items():
-            delta = stats[key] - self._last_counts[key]
-            if delta > 0:
-                counter.inc(delta)
-            self._last_counts[key] = stats[key]
+            count = getattr(stats, key)
+            if count > self._last_counts[key]:
+                counter.inc(count - self._last_counts[key])
+            self._last_counts[key] = count
 
 
 class RequestTimer:

@@ -21,13 +21,15 @@ from collections import OrderedDict
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from cluster.protocol import GenerateRequest
 
-def prompt_text(payload: dict) -> str:
-    """The text a prefix is matched on: the raw prompt, or each chat turn tagged with its role."""
-    prompt = payload.get("prompt", "")
+
+def prompt_text(request: GenerateRequest) -> str:
+    """The text a prefix is matched on: the raw prompt, each chat turn tagged with its role, or token ids."""
+    prompt = request.prompt
     if isinstance(prompt, str):
         return prompt
-    return "".join(f"<|{m.get('role')}|>{m.get('content')}" for m in prompt)
+    return "".join(f"<|{m.get('role')}|>{m.get('content')}" if isinstance(m, dict) else f"{m}," for m in prompt)
 
 
 def prefix_keys(text: str, chunk_chars: int, min_prefix_chars: int) -> list[str]:
@@ -56,7 +58,7 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         self._owners: OrderedDict[str, ReplicaID] = OrderedDict()  # prefix hash -> replica, LRU order
 
     def _keys(self, pending_request: PendingRequest | None) -> list[str]:
-        if pending_request is None or not pending_request.args or not isinstance(pending_request.args[0], dict):
+        if pending_request is None or not pending_request.args or not isinstance(pending_request.args[0], GenerateRequest):
             return []
         return prefix_keys(prompt_text(pending_request.args[0]), self.chunk_chars, self.min_prefix_chars)
 

@@ -22,29 +22,19 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from cluster.protocol import GenerateRequest, RequestOutput, TokenLogprob
 from deployments.metrics import RouterMetrics
 from deployments.openai_protocol import ChatCompletionRequest, CompletionRequest, error_response
+from deployments.placement import ROUTER_CPUS
 from deployments.proto import shardserve_pb2 as pb
+from deployments.protocol import RequestError, ServedOutput
+from model.sampling_params import SamplingParams
 
 api = FastAPI(title="shardserve", description="OpenAI-compatible API of a sharded LLM on Ray")
 
 
-class RequestError(Exception):
-    """A request refused before it ran, with the HTTP status and OpenAI error fields that describe it."""
-
-    def __init__(self, status: int, message: str, *, type_: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def __reduce__(self):  # picklable, so Serve can carry it to the gRPC proxy
-        return _request_error, (self.status, self.message, self.type, self.param, self.code)
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, type_=self.type, param=self.param, code=self.code)
-
-
-def _request_error(status, message, type_, param, code) -> RequestError:
-    return RequestError(status, message, type_=type_, param=param, code=code)
+def _error_response(e: RequestError) -> JSONResponse:
+    return error_response(e.status, e.message, type_=e.type, param=e.param, code=e.code)
 
 
 GRPC_STATUS = {
@@ -62,39 +52,39 @@ def _validate(body: dict, model_cls):
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
-        raise RequestError(400, f"{param}: {err['msg']}", type_="invalid_request_error", param=param) from None
+        raise RequestError.invalid(f"{param}: {err['msg']}", param=param) from None
 
 
-def _sampling(req, max_tokens: int | None, logprobs: int | None) -> dict:
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    return {
-        "max_tokens": max_tokens,  # None: the rest of the context, filled in by the replica
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "top_k": req.top_k,
-        "seed": req.seed,
-        "stop": stop,
-        "ignore_eos": req.ignore_eos,
-        "logprobs": logprobs,
-    }
+def _sampling(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,  # None: the rest of the context
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stop=req.stop or (),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+        )
+    except ValueError as e:
+        raise RequestError.invalid(str(e), code="invalid_request") from None
 
 
-def chat_payload(req: ChatCompletionRequest) -> dict:
+def chat_request(req: ChatCompletionRequest) -> GenerateRequest:
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return {
-        "prompt": [m.model_dump() for m in req.messages],
-        "sampling": _sampling(req, req.max_completion_tokens or req.max_tokens, logprobs),
-    }
+    messages = [m.model_dump() for m in req.messages]
+    return GenerateRequest(messages, _sampling(req, req.max_completion_tokens or req.max_tokens, logprobs))
 
 
-def completion_payload(req: CompletionRequest) -> dict:
-    return {"prompt": req.prompt, "raw": True, "sampling": _sampling(req, req.max_tokens, req.logprobs)}
+def completion_request(req: CompletionRequest) -> GenerateRequest:
+    return GenerateRequest(req.prompt, _sampling(req, req.max_tokens, req.logprobs), raw=True)
 
 
 def grpc_request_body(request: pb.GenerateRequest, model_name: str) -> tuple[dict, type]:
     """The gRPC request as the JSON body of the matching HTTP route, so both are validated alike."""
     if bool(request.prompt) == bool(request.messages):
-        raise RequestError(400, "set exactly one of prompt and messages", type_="invalid_request_error")
+        raise RequestError.invalid("set exactly one of prompt and messages")
     body: dict = {"model": request.model or model_name, "top_k": request.top_k, "ignore_eos": request.ignore_eos}
     for name in ("max_tokens", "temperature", "top_p", "seed"):
         if request.HasField(name):
@@ -112,30 +102,31 @@ def grpc_request_body(request: pb.GenerateRequest, model_name: str) -> tuple[dic
     return body, CompletionRequest
 
 
-def grpc_response(items: list[dict], rid: str, model: str) -> pb.GenerateResponse:
+def grpc_response(items: list[RequestOutput], rid: str, model: str) -> pb.GenerateResponse:
     """One message for a run of deltas: the whole completion (unary) or one delta (streaming)."""
     last = items[-1]
     out = pb.GenerateResponse(
         id=rid,
         model=model,
-        text="".join(i["text"] for i in items),
-        token_ids=[t for i in items for t in i["token_ids"]],
-        finish_reason=last["finish_reason"] or "",
+        text="".join(i.text for i in items),
+        token_ids=[t for i in items for t in i.token_ids],
+        finish_reason=last.finish_reason or "",
     )
-    if last["finish_reason"]:
+    if last.finish_reason:
         out.usage.CopyFrom(pb.Usage(**_usage(last)))
-    for item in items:
-        for lp in item["logprobs"]:
-            top = [pb.TopLogprob(token=t, logprob=v) for t, v in lp["top"]]
-            out.logprobs.append(
-                pb.TokenLogprob(token=lp["token"], token_id=lp["token_id"], logprob=lp["logprob"], top_logprobs=top)
-            )
+    for lp in _logprobs(items):
+        top = [pb.TopLogprob(token=t, logprob=v) for t, v in lp.top]
+        out.logprobs.append(pb.TokenLogprob(token=lp.token, token_id=lp.token_id, logprob=lp.logprob, top_logprobs=top))
     return out
 
 
-def _usage(item: dict) -> dict:
-    p, c = item["prompt_tokens"], item["completion_tokens"]
+def _usage(item: RequestOutput) -> dict:
+    p, c = item.prompt_tokens, item.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _logprobs(items: list[RequestOutput]) -> list[TokenLogprob]:
+    return [lp for item in items for lp in item.logprobs or []]
 
 
 class _Shape:
@@ -153,24 +144,24 @@ class _Shape:
         return body
 
     @classmethod
-    def _logprobs(cls, items: list[dict]) -> dict | None:
-        entries = [lp for item in items for lp in item["logprobs"]]
+    def _logprobs(cls, items: list[RequestOutput]) -> dict | None:
+        entries = _logprobs(items)
         return cls._format_logprobs(entries) if entries else None
 
     @classmethod
-    def full(cls, items: list[dict], rid: str, model: str, created: int) -> dict:
-        choice = cls._full_choice("".join(i["text"] for i in items))
-        choice.update(finish_reason=items[-1]["finish_reason"], logprobs=cls._logprobs(items))
+    def full(cls, items: list[RequestOutput], rid: str, model: str, created: int) -> dict:
+        choice = cls._full_choice("".join(i.text for i in items))
+        choice.update(finish_reason=items[-1].finish_reason, logprobs=cls._logprobs(items))
         return cls._envelope(cls.object_full, rid, model, created, [choice], _usage(items[-1]))
 
     @classmethod
-    def chunk(cls, item: dict, rid: str, model: str, created: int, first: bool = False) -> dict:
-        choice = cls._chunk_choice(item["text"], first)
-        choice.update(finish_reason=item["finish_reason"], logprobs=cls._logprobs([item]))
+    def chunk(cls, item: RequestOutput, rid: str, model: str, created: int, first: bool = False) -> dict:
+        choice = cls._chunk_choice(item.text, first)
+        choice.update(finish_reason=item.finish_reason, logprobs=cls._logprobs([item]))
         return cls._envelope(cls.object_chunk, rid, model, created, [choice])
 
     @classmethod
-    def usage_chunk(cls, item: dict, rid: str, model: str, created: int) -> dict:
+    def usage_chunk(cls, item: RequestOutput, rid: str, model: str, created: int) -> dict:
         return cls._envelope(cls.object_chunk, rid, model, created, [], _usage(item))
 
 
@@ -189,14 +180,14 @@ class ChatShape(_Shape):
         return {"index": 0, "delta": delta}
 
     @staticmethod
-    def _format_logprobs(entries: list[dict]) -> dict:
+    def _format_logprobs(entries: list[TokenLogprob]) -> dict:
         return {
             "content": [
                 {
-                    "token": lp["token"],
-                    "logprob": lp["logprob"],
-                    "bytes": list(lp["token"].encode()),
-                    "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp["top"]],
+                    "token": lp.token,
+                    "logprob": lp.logprob,
+                    "bytes": list(lp.token.encode()),
+                    "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp.top],
                 }
                 for lp in entries
             ]
@@ -215,15 +206,15 @@ class CompletionShape(_Shape):
         return {"index": 0, "text": text}
 
     @staticmethod
-    def _format_logprobs(entries: list[dict]) -> dict:
+    def _format_logprobs(entries: list[TokenLogprob]) -> dict:
         return {
-            "tokens": [lp["token"] for lp in entries],
-            "token_logprobs": [lp["logprob"] for lp in entries],
-            "top_logprobs": [dict(lp["top"]) for lp in entries],
+            "tokens": [lp.token for lp in entries],
+            "token_logprobs": [lp.logprob for lp in entries],
+            "top_logprobs": [dict(lp.top) for lp in entries],
         }
 
 
-@serve.deployment(name="Router", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000)
+@serve.deployment(name="Router", ray_actor_options={"num_cpus": ROUTER_CPUS}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class Router:
     def __init__(self, server: DeploymentHandle, api_key: str | None, model_name: str):
@@ -248,19 +239,24 @@ class Router:
                 code="model_not_found",
             )
 
-    async def _start(self, payload: dict):
-        """Start the request on a replica and return its first item and the rest of the stream."""
-        gen = self.server.options(stream=True).generate.remote(payload)
+    async def _start(self, request: GenerateRequest) -> tuple[ServedOutput, AsyncIterator[RequestOutput]]:
+        """Start the request on a replica; its first item, and the rest of its outputs."""
+        gen = self.server.options(stream=True).generate.remote(request)
         try:
             first = await gen.__anext__()
+        except RequestError:  # the replica refused it
+            raise
         except BackPressureError as e:
             raise RequestError(429, f"server is busy, retry later: {e}", type_="rate_limit_error", code="queue_full")
         except Exception as e:  # no replica could take it, or its engine failed
-            raise RequestError(503, f"model is unavailable: {e}", type_="service_unavailable") from None
-        if "error" in first:
-            gen.cancel()
-            raise RequestError(400, first["error"], type_="invalid_request_error", code="invalid_request")
-        return first, gen
+            raise RequestError.unavailable(f"model is unavailable: {e}") from None
+
+        async def outputs() -> AsyncIterator[RequestOutput]:
+            yield first.output
+            async for item in gen:
+                yield item.output
+
+        return first, outputs()
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "shardserve"}
@@ -272,37 +268,36 @@ class Router:
         try:
             body = await request.json()
         except json.JSONDecodeError as e:
-            raise RequestError(400, f"request body is not valid JSON: {e}", type_="invalid_request_error") from None
+            raise RequestError.invalid(f"request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
-            raise RequestError(400, "request body must be a JSON object", type_="invalid_request_error")
+            raise RequestError.invalid("request body must be a JSON object")
         self._check_model(body.get("model"))
         return _validate(body, model_cls)
 
-    async def _respond(self, request: Request, model_cls, to_payload, shape):
+    async def _respond(self, request: Request, model_cls, to_request, shape):
         route = request.url.path
         try:
             req = await self._http_request(request, model_cls)
-            first, gen = await self._start(to_payload(req))
+            first, outputs = await self._start(to_request(req))
         except RequestError as e:
             self.metrics.request(route, e.status)
-            return e.response()
+            return _error_response(e)
         self.metrics.request(route, 200)
         rid = uuid.uuid4().hex
-        headers = {"x-shardserve-replica": first["replica"]}  # which replica served it, for debugging
+        headers = {"x-shardserve-replica": first.replica}  # which replica served it, for debugging
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                self._sse(first, gen, shape, rid, include_usage), media_type="text/event-stream", headers=headers
+                self._sse(outputs, shape, rid, include_usage), media_type="text/event-stream", headers=headers
             )
-        items = [first] + [item async for item in gen]
+        items = [item async for item in outputs]
         return JSONResponse(shape.full(items, rid, self.model_name, self.created), headers=headers)
 
-    async def _sse(self, first: dict, gen, shape, rid: str, include_usage: bool) -> AsyncIterator[str]:
-        last = first
-        yield f"data: {json.dumps(shape.chunk(first, rid, self.model_name, self.created, first=True))}\n\n"
-        async for item in gen:
+    async def _sse(self, outputs: AsyncIterator[RequestOutput], shape, rid: str, include_usage: bool) -> AsyncIterator[str]:
+        last = None
+        async for item in outputs:
+            yield f"data: {json.dumps(shape.chunk(item, rid, self.model_name, self.created, first=last is None))}\n\n"
             last = item
-            yield f"data: {json.dumps(shape.chunk(item, rid, self.model_name, self.created))}\n\n"
         if include_usage:
             yield f"data: {json.dumps(shape.usage_chunk(last, rid, self.model_name, self.created))}\n\n"
         yield "data: [DONE]\n\n"
@@ -317,17 +312,17 @@ class Router:
             self._authorize(request.headers.get("authorization"))
         except RequestError as e:
             self.metrics.request("/v1/models", e.status)
-            return e.response()
+            return _error_response(e)
         self.metrics.request("/v1/models", 200)
         return {"object": "list", "data": [self._model_card()]}
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        return await self._respond(request, ChatCompletionRequest, chat_payload, ChatShape)
+        return await self._respond(request, ChatCompletionRequest, chat_request, ChatShape)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._respond(request, CompletionRequest, completion_payload, CompletionShape)
+        return await self._respond(request, CompletionRequest, completion_request, CompletionShape)
 
     # -- gRPC (method names are the RPC names in deployments/proto/shardserve.proto) --
     async def _grpc_start(self, request: pb.GenerateRequest, grpc_context, route: str):
@@ -337,8 +332,7 @@ class Router:
             body, model_cls = grpc_request_body(request, self.model_name)
             self._check_model(body["model"])
             req = _validate(body, model_cls)
-            payload = chat_payload(req) if model_cls is ChatCompletionRequest else completion_payload(req)
-            started = await self._start(payload)
+            started = await self._start(chat_request(req) if model_cls is ChatCompletionRequest else completion_request(req))
         except RequestError as e:
             self._grpc_refuse(grpc_context, e, route)
             raise
@@ -352,19 +346,18 @@ class Router:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
-            first, gen = await self._grpc_start(request, grpc_context, "Generate")
+            _, outputs = await self._grpc_start(request, grpc_context, "Generate")
         except RequestError:
             return pb.GenerateResponse()
-        items = [first] + [item async for item in gen]
+        items = [item async for item in outputs]
         return grpc_response(items, uuid.uuid4().hex, self.model_name)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
         # With no message sent, Serve's proxy only reports a code that comes with an exception,
         # so a refusal propagates from here.
-        first, gen = await self._grpc_start(request, grpc_context, "GenerateStream")
+        _, outputs = await self._grpc_start(request, grpc_context, "GenerateStream")
         rid = uuid.uuid4().hex
-        yield grpc_response([first], rid, self.model_name)
-        async for item in gen:
+        async for item in outputs:
             yield grpc_response([item], rid, self.model_name)
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:

@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import cpu_kernels
+from model import ops
+from model.config import ModelSpec
+from model.layers import kv_heads_per_partition
+from model.shard import ShardInfo
 
 
 # Decodes of very different lengths are attended in up to MAX_DECODE_GROUPS groups of similar length
@@ -138,13 +141,8 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: Att
     write_kv(k, v, kv_cache, meta.slot_mapping)
     outs = []
     nd = meta.num_decodes
-    if nd and _kernel_decodes(kv_cache):
-        qd = q[:nd]
-        if qd.stride(2) != 1 or qd.stride(1) != hd:  # the kernel takes strided rows, but packed heads
-            qd = qd.contiguous()
-        od = q.new_empty(nd, nh, hd)
-        torch.ops.shardserve.paged_decode_attention(od, qd, kv_cache, meta.block_tables, meta.decode_lens(), scale)
-        outs.append(od.view(nd, nh * hd))
+    if nd and ops.decode_kernel(kv_cache):
+        outs.append(ops.paged_decode_attention(q[:nd], kv_cache, meta.block_tables, meta.decode_lens(), scale))
     elif nd:
         # One query per sequence: fold each KV head's query group into the query-length axis, so GQA
         # needs no expansion of k/v and the (G, 1, 1, L) mask broadcasts over heads and group.
@@ -178,12 +176,12 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor, meta: Att
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _kernel_decodes(kv_cache: Tensor) -> bool:
-    return cpu_kernels.usable(kv_cache)
+def kv_cache_shape(spec: ModelSpec, shard: ShardInfo, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """The KV cache one rank holds: (layers, 2, num_blocks, block_size, its KV heads, head_dim)."""
+    kv_heads = kv_heads_per_partition(spec.num_kv_heads, shard.tp_size)
+    return (shard.num_layers, 2, num_blocks, block_size, kv_heads, spec.head_dim)
 
 
-def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                      dtype: torch.dtype, device: torch.device | str) -> list[Tensor]:
-    """One zeroed (2, num_blocks, block_size, num_kv_heads, head_dim) tensor per local layer."""
-    return [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-            for _ in range(num_layers)]
+def allocate_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> list[Tensor]:
+    """One zeroed (2, num_blocks, block_size, num_kv_heads, head_dim) tensor per layer of `shape`."""
+    return [torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(shape[0])]

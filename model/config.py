@@ -6,8 +6,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM2 ships as model_type "llama"
 GPT2_MODEL_TYPES = ("gpt2",)
 
@@ -145,11 +143,15 @@ def rope_frequencies(spec: ModelSpec) -> tuple[torch.Tensor, float]:
     transformers reference implementation so both old (`rope_scaling`) and new (`rope_parameters`) configs
     mean exactly what they mean there.
     """
+    import torch  # here, not at the top: the router and the k8s tools read ModelSpec without loading torch
+
     with torch.device("cpu"):  # real numbers even while the model is built on the meta device
         return _rope_frequencies(spec)
 
 
 def _rope_frequencies(spec: ModelSpec) -> tuple[torch.Tensor, float]:
+    import torch
+
     cfg = spec.hf_config
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from model.attention import AttentionMetadata, paged_attention
 from model.config import ModelSpec
+from model.shard import ShardInfo
 from model.layers import (CheckpointRef, ColumnParallelLinear, LayerNorm, ParallelLMHead, QKVParallelLinear,
                           RowParallelLinear, TPGroup, VocabParallelEmbedding, activation, load_replicated)
 
@@ -58,28 +59,25 @@ class GPT2Block(nn.Module):
 
 
 class GPT2ForCausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_range: tuple[int, int], is_first: bool, is_last: bool, tp: TPGroup,
-                 dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, shard: ShardInfo, tp: TPGroup, dtype: torch.dtype):
         super().__init__()
-        self.spec, self.layer_range, self.is_first, self.is_last = spec, layer_range, is_first, is_last
-        if is_first:
+        self.spec, self.shard = spec, shard
+        if self.shard.is_first:
             self.wte = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp, dtype)
             self.wpe = nn.Parameter(torch.empty(spec.max_position_embeddings, spec.hidden_size, dtype=dtype),
                                     requires_grad=False)  # replicated: small, and indexed by position
             self.wpe.weight_loader = load_replicated
-        self.h = nn.ModuleList(GPT2Block(spec, tp, dtype) for _ in range(*layer_range))
-        self.ln_f = LayerNorm(spec.hidden_size, spec.norm_eps, dtype) if is_last else None
-        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp, dtype) if is_last else None
-        if is_first and is_last:
+        self.h = nn.ModuleList(GPT2Block(spec, tp, dtype) for _ in range(shard.num_layers))
+        self.ln_f = LayerNorm(spec.hidden_size, spec.norm_eps, dtype) if self.shard.is_last else None
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp, dtype) if self.shard.is_last else None
+        if self.shard.is_first and self.shard.is_last:
             self.lm_head.weight = self.wte.weight  # tied; the loader fills it once
-        self.num_kv_heads_per_partition = spec.num_heads // tp.size  # sizes the KV cache
-        self.head_dim = spec.head_dim
 
     def forward(self, x: Tensor, positions: Tensor, meta: AttentionMetadata, kv_caches: list[Tensor]) -> Tensor:
-        h = self.wte(x) + F.embedding(positions, self.wpe) if self.is_first else x  # (T, hidden)
+        h = self.wte(x) + F.embedding(positions, self.wpe) if self.shard.is_first else x  # (T, hidden)
         for block, kv_cache in zip(self.h, kv_caches):
             h = block(h, meta, kv_cache)
-        return self.ln_f(h) if self.is_last else h
+        return self.ln_f(h) if self.shard.is_last else h
 
     def compute_logits(self, hidden: Tensor) -> Tensor:  # (N, hidden) -> (N, vocab_size) float32
         return self.lm_head(hidden)
@@ -93,7 +91,7 @@ class GPT2ForCausalLM(nn.Module):
         if not name.startswith("h."):
             return [CheckpointRef(name)]  # ln_f.*
         _, local, rest = name.split(".", 2)  # h.{i}.{rest}
-        key = f"h.{self.layer_range[0] + int(local)}.{rest}"
+        key = f"h.{self.shard.layer_range[0] + int(local)}.{rest}"
         if rest.startswith("ln_"):
             return [CheckpointRef(key)]
         is_weight = rest.endswith(".weight")

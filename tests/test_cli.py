@@ -6,8 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from model.tokenizer import encode_prompt, load_tokenizer
 from tests.reference import hf_greedy
+
+pytestmark = pytest.mark.ray  # each `shardserve generate` process starts its own Ray
 
 
 def shardserve(*args: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from model.attention import AttentionMetadata, allocate_kv_cache
+from model.attention import AttentionMetadata, allocate_kv_cache, kv_cache_shape
 
 SEED = 0
 INIT_RANGE = 0.2
@@ -63,8 +63,8 @@ class PagedRunner:
 
     def __init__(self, *stages, block_size: int = 4, num_blocks: int = 64, dtype=torch.float32, device="cpu"):
         self.stages, self.block_size, self.device = stages, block_size, device
-        self.caches = [allocate_kv_cache(len(m.layers if hasattr(m, "layers") else m.h), num_blocks, block_size,
-                                         m.num_kv_heads_per_partition, m.head_dim, dtype, device) for m in stages]
+        self.caches = [allocate_kv_cache(kv_cache_shape(m.spec, m.shard, num_blocks, block_size), dtype, device)
+                       for m in stages]
         self.free_blocks = list(range(num_blocks))[::-1]  # hand out high ids first: padding (0) is never a real block
         self.blocks: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}

@@ -58,7 +58,7 @@ def test_cancelled_requests_free_their_blocks_at_once(engine):
         for t in tasks[:2]:
             t.cancel()
         await asyncio.gather(*tasks[:2], return_exceptions=True)
-        assert engine.stats()["running"] + engine.stats()["waiting"] <= 2
+        assert engine.stats().running + engine.stats().waiting <= 2
         done = await asyncio.gather(*tasks[2:])
         return done
 

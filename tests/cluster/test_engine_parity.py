@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.engine import EngineConfig, LLMEngine
+from cluster.config import EngineConfig
+from cluster.engine import LLMEngine
 from tests.reference import close, greedy, hf_greedy, run_all
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]

@@ -28,7 +28,7 @@ def run_one(engine, prompt):
     before = engine.stats()
     (out,) = run_all(engine, [prompt], greedy(MAX_NEW))
     after = engine.stats()
-    return out.token_ids, {k: after[k] - before[k] for k in STAT_KEYS}
+    return out.token_ids, {k: getattr(after, k) - getattr(before, k) for k in STAT_KEYS}
 
 
 def test_second_request_reuses_the_shared_prefix_with_identical_output(engines, tiny_llama_dir):
@@ -40,12 +40,12 @@ def test_second_request_reuses_the_shared_prefix_with_identical_output(engines, 
     assert d2["prefix_cache_hit_tokens"] == 40  # the prefix's 10 full blocks of 4
     assert d2["prefill_tokens_computed"] == len(SECOND) - 40 < d1["prefill_tokens_computed"]
     assert on.allocator.num_free == on.allocator.num_blocks
-    assert on.stats()["kv_blocks_cached"] > 0  # kept for later prompts, yet counted as free
+    assert on.stats().kv_blocks_cached > 0  # kept for later prompts, yet counted as free
 
     want = run_all(off, [FIRST, SECOND], greedy(MAX_NEW))
     assert [first, second] == [w.token_ids for w in want]
     assert [first, second] == [r.token_ids for r in hf_greedy(tiny_llama_dir, [FIRST, SECOND], MAX_NEW)]
-    assert off.stats()["prefix_cache_hit_tokens"] == 0
+    assert off.stats().prefix_cache_hit_tokens == 0
 
 
 def test_repeated_and_concurrent_prompts_match_caching_off(engines):
@@ -54,9 +54,9 @@ def test_repeated_and_concurrent_prompts_match_caching_off(engines):
     # so some compute the same blocks side by side before any is registered.
     prompts = [FIRST, PREFIX + [1, 2, 3, 4, 5, 6, 7], PREFIX + [1, 2, 3, 4, 5, 6, 8], PREFIX[:20] + [9] * 10,
                list(PREFIX)]
-    before = on.stats()["prefix_cache_hit_tokens"]
+    before = on.stats().prefix_cache_hit_tokens
     got = run_all(on, prompts, greedy(MAX_NEW))
     want = run_all(off, prompts, greedy(MAX_NEW))
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
-    assert on.stats()["prefix_cache_hit_tokens"] - before >= len(FIRST) - 1
+    assert on.stats().prefix_cache_hit_tokens - before >= len(FIRST) - 1
     assert on.allocator.num_free == on.allocator.num_blocks

@@ -19,12 +19,8 @@ def make(num_blocks=64, block_size=4, max_num_seqs=8, max_tokens=16, micro=1, ca
 
 
 def complete(sched, batch, token=7):
-    """What the engine does when a step returns: advance, and append a token where one was sampled."""
-    for e in batch.entries:
-        e.seq.in_flight = False
-        e.seq.num_computed = e.start + e.num_new
-        if e.samples:
-            e.seq.output_ids.append(token)
+    """What the engine does when a step returns: hand the scheduler one token per sampled entry."""
+    sched.update(batch, [token] * sum(e.samples for e in batch.entries))
 
 
 def test_long_prompt_is_chunked_and_new_requests_join_running_batch():
@@ -97,7 +93,7 @@ def test_finish_and_abort_free_every_block():
         s.finish(seq)  # aborted while in flight
     s.finish(seqs[1])  # finishing twice is harmless
     assert alloc.num_free == alloc.num_blocks
-    assert s.num_unfinished == 0 and not s.has_work()
+    assert s.num_unfinished == 0
 
 
 def test_admission_waits_when_cache_is_full():

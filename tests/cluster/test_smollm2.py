@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.engine import EngineConfig, LLMEngine
+from cluster.config import EngineConfig
+from cluster.engine import LLMEngine
 from model.tokenizer import encode_prompt, load_tokenizer
 from tests.reference import close, greedy, hf_greedy, run_all
 

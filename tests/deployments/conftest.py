@@ -14,12 +14,13 @@ def served(ray_cluster, tiny_llama_dir):
     from ray import serve
 
     from deployments.app import build_app, grpc_options
-    from deployments.config import parse_app_config
+    from deployments.config import Listeners, parse_app_config
 
-    config = parse_app_config({**APP_ARGS, "model": str(tiny_llama_dir), "port": free_port(), "grpc_port": free_port()})
-    serve.start(http_options={"host": "127.0.0.1", "port": config.port}, grpc_options=grpc_options(config))
+    config = parse_app_config({**APP_ARGS, "model": str(tiny_llama_dir)})
+    listen = Listeners(host="127.0.0.1", port=free_port(), grpc_port=free_port())
+    serve.start(http_options={"host": listen.host, "port": listen.port}, grpc_options=grpc_options(listen))
     serve.run(build_app(config), name="shardserve", route_prefix="/")
-    yield Served(http=f"http://127.0.0.1:{config.port}", grpc=f"127.0.0.1:{config.grpc_port}")
+    yield Served(http=f"http://127.0.0.1:{listen.port}", grpc=f"127.0.0.1:{listen.grpc_port}")
     serve.shutdown()
 
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.config import AppConfig, ConfigError, load_app_config
+from deployments.config import AppConfig, ConfigError, Listeners, load_app_config, load_serve_file
 
 SERVE_YAML = """
 applications:
@@ -65,18 +65,18 @@ def test_bare_mapping_and_frozen(tmp_path):
     config = load_app_config(path)
     assert config.pipeline_parallel_size == 2 and config.num_replicas == 1
     with pytest.raises(Exception):
-        config.port = 1
+        config.max_num_seqs = 1
 
 
 def test_committed_local_yaml_is_a_valid_serve_config_and_app_config():
     path = "deployments/configs/local.yaml"
     with open(path) as f:
         serve_config = ServeDeploySchema.model_validate(yaml.safe_load(f))
-    config = load_app_config(path)
+    config, listeners = load_serve_file(path)
     assert config.model is None and config.num_replicas == 1
-    # Serve's own listeners (for `serve run`) and shardserve's (for `shardserve serve`) agree.
-    assert (serve_config.http_options.host, serve_config.http_options.port) == (config.host, config.port)
-    assert serve_config.grpc_options.port == config.grpc_port
+    # `shardserve serve --config` listens where `serve run` does: both read Serve's own options.
+    assert (serve_config.http_options.host, serve_config.http_options.port) == (listeners.host, listeners.port)
+    assert serve_config.grpc_options.port == listeners.grpc_port
     from deployments.app import GRPC_SERVICER
 
     assert serve_config.grpc_options.grpc_servicer_functions == [GRPC_SERVICER]
@@ -87,3 +87,30 @@ def test_readme_config_reference_is_in_sync():
 
     with open("README.md") as f:
         assert config_reference() in f.read()
+
+
+def test_listeners_come_from_serve_options_and_are_refused_in_args(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(SERVE_YAML)  # no http_options / grpc_options: what Serve itself defaults to
+    assert load_serve_file(path)[1] == Listeners(host="0.0.0.0", port=8000, grpc_port=None)
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("max_num_seqs: 4\n")
+    assert load_serve_file(bare)[1] == Listeners()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"applications": [{"import_path": "deployments.app:build_app", "args": {"port": 1}}]}))
+    with pytest.raises(ConfigError, match="args: port: .*http_options"):
+        load_app_config(bad)
+
+
+def test_engine_settings_are_declared_once_and_layer_split_is_settable(tmp_path):
+    from cluster.config import EngineConfig
+
+    assert set(EngineConfig.model_fields) < set(AppConfig.model_fields)
+    path = tmp_path / "app.yaml"
+    path.write_text("pipeline_parallel_size: 2\nlayer_split: [20, 10]\nblock_size: 8\n")
+    engine = load_app_config(path).engine_config()
+    assert type(engine) is EngineConfig
+    assert engine.parallel.layer_ranges(30) == [(0, 20), (20, 30)] and engine.block_size == 8
+    path.write_text("pipeline_parallel_size: 2\nlayer_split: [20, 5, 5]\n")
+    with pytest.raises(ConfigError, match="layer_split has 3 entries but pipeline_parallel_size is 2"):
+        load_app_config(path)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
 
+from cluster.protocol import EngineStats
 from deployments.autoscaling import EngineUtilizationPolicy, engine_utilization
 from deployments.config import AutoscalingConfig
 from deployments.llm_server import serve_autoscaling_config
@@ -29,7 +30,8 @@ def test_engine_utilization_block_names_our_policy_and_serve_accepts_it():
 
 
 def stats(running=0, waiting=0, free=100, total=100):
-    return {"running": running, "waiting": waiting, "kv_blocks_free": free, "kv_blocks_total": total}
+    return EngineStats(running=running, waiting=waiting, kv_blocks_free=free, kv_blocks_total=total, kv_blocks_cached=0,
+                       preemptions=0, prefix_cache_query_tokens=0, prefix_cache_hit_tokens=0, prefill_tokens_computed=0)
 
 
 def test_a_replica_full_of_long_sequences_counts_as_busy():

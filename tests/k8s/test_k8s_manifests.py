@@ -7,7 +7,6 @@ or Ray cluster.
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import re
 import shlex
@@ -21,7 +20,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from deployments import k8s
-from deployments.config import load_app_config
+from deployments.config import load_app_config, load_serve_file
 from deployments.crd_schema import CRD_DIR, ManifestError, openapi_to_jsonschema, schema_errors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,11 +104,11 @@ def test_serve_config_v2_is_a_serve_config_and_an_app_config(path, tmp_path):
     cfg = serve_config(load(path))
     ServeDeploySchema.model_validate(cfg)
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
-    config = load_app_config(tmp_path / "serve.yaml")
+    config, listeners = load_serve_file(tmp_path / "serve.yaml")
     # What a cluster needs: a proxy on every pod, listening on all interfaces, gRPC on 9000.
     assert cfg["proxy_location"] == "EveryNode"
     assert cfg["http_options"] == {"host": "0.0.0.0", "port": 8000}
-    assert config.host == "0.0.0.0" and config.port == 8000
+    assert (listeners.host, listeners.port, listeners.grpc_port) == ("0.0.0.0", 8000, 9000)
     assert cfg["grpc_options"]["port"] == 9000
     assert cfg["grpc_options"]["grpc_servicer_functions"] == [
         "deployments.proto.shardserve_pb2_grpc.add_ShardServeServicer_to_server"
@@ -353,12 +352,11 @@ def test_fit_fails_when_the_head_could_run_a_model():
 
 
 def test_fit_uses_the_replica_placement_group():
-    from cluster.gang import placement_strategy
-    from deployments.llm_server import replica_bundles, replica_engine_config
+    from deployments.placement import replica_bundles, replica_engine_config
 
     config = load_app_config(REPO / "k8s/configs/gpu-pp.yaml")
     units, strategy, _ = k8s.replica_units(config)
-    assert strategy == placement_strategy(replica_engine_config(config).parallel) == "PACK"
+    assert strategy == replica_engine_config(config).parallel.placement_strategy == "PACK"
     bundles = replica_bundles(config)
     total = {k: round(sum(b.get(k, 0) for b in bundles), 6) for k in ("CPU", "GPU")}
     assert {k: round(sum(u.get(k, 0) for u in units), 6) for k in ("CPU", "GPU")} == total
@@ -385,7 +383,7 @@ def test_render_makes_the_local_config_cluster_ready():
     cfg = serve_config(doc)
     assert doc["metadata"]["name"] == "shardserve-local"
     assert cfg["proxy_location"] == "EveryNode" and cfg["http_options"]["host"] == "0.0.0.0"
-    assert cfg["applications"][0]["args"]["host"] == "0.0.0.0"
+    assert "host" not in cfg["applications"][0]["args"]  # listeners live in http_options only
     assert schema_errors(doc) == []
 
 
@@ -423,18 +421,9 @@ def test_check_command_fails_on_a_broken_manifest(tmp_path, capsys):
 
 
 def test_router_cpus_match_the_router_deployment():
-    # Read from the source: importing deployments.router would load the generated gRPC stubs.
-    tree = ast.parse((REPO / "deployments/router.py").read_text())
-    options = [
-        kw.value
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call)
-        and any(k.arg == "name" and getattr(k.value, "value", None) == "Router" for k in node.keywords)
-        for kw in node.keywords
-        if kw.arg == "ray_actor_options"
-    ]
-    assert len(options) == 1
-    assert ast.literal_eval(options[0])["num_cpus"] == k8s.ROUTER_CPUS
+    from deployments.router import Router
+
+    assert Router.ray_actor_options["num_cpus"] == k8s.ROUTER_CPUS
 
 
 def test_dockerfile_builds_the_image_the_manifests_name():

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from model import attention, cpu_kernels
+from model import cpu_kernels, ops
 from model.attention import MAX_DECODE_GROUPS, MIN_DECODE_GROUP, AttentionMetadata, allocate_kv_cache, paged_attention
 
 
@@ -25,7 +25,7 @@ def _reference_attention(q, k, v, scale):  # q (n, nh, hd), k/v (ctx, nkv, hd); 
 def _paged_vs_dense(seqs, blocks, num_decodes, nh=4, nkv=2, hd=8, bs=4, dtype=torch.float32):
     """Run paged_attention on sequences given as (context before this step, new tokens), with their
     blocks, after caching each prior context; returns (meta, output, dense float32 reference)."""
-    cache = allocate_kv_cache(1, 1 + max(max(b) for b in blocks), bs, nkv, hd, dtype, "cpu")[0]
+    cache = allocate_kv_cache((1, 2, 1 + max(max(b) for b in blocks), bs, nkv, hd), dtype, "cpu")[0]
     full_k = [torch.randn(p + n, nkv, hd).to(dtype) for p, n in seqs]
     full_v = [torch.randn(p + n, nkv, hd).to(dtype) for p, n in seqs]
     for (prior, _), b, kk, vv in zip(seqs, blocks, full_k, full_v):  # the prior context is already cached
@@ -115,7 +115,7 @@ def test_decode_kernel_bfloat16(compiled_cpu_ops):
 
 
 def test_decode_kernel_rejects_what_would_read_outside_the_cache(compiled_cpu_ops):
-    cache = allocate_kv_cache(1, 4, 4, 2, 8, torch.float32, "cpu")[0]
+    cache = allocate_kv_cache((1, 2, 4, 4, 2, 8), torch.float32, "cpu")[0]
     q, out = torch.randn(1, 4, 8), torch.empty(1, 4, 8)
     op = torch.ops.shardserve.paged_decode_attention
     lens = torch.tensor([5], dtype=torch.int32)
@@ -133,8 +133,8 @@ def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv(cpu_kernels.SWITCH, "0")
     monkeypatch.setattr(cpu_kernels, "_loaded", None)
     assert not cpu_kernels.load() and not cpu_kernels.available()
-    cache = allocate_kv_cache(1, 4, 4, 2, 8, torch.float32, "cpu")[0]
-    assert not attention._kernel_decodes(cache)
+    cache = allocate_kv_cache((1, 2, 4, 4, 2, 8), torch.float32, "cpu")[0]
+    assert not ops.decode_kernel(cache)
 
 
 def test_decode_kernel_takes_q_as_the_models_slice_it(compiled_cpu_ops):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from model import cpu_kernels
 from model.layers import RMSNorm
-from model.llama import apply_rope
+from model.ops import rotary as apply_rope
 
 DTYPES = [torch.float32, torch.bfloat16]
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelSpec
 from model.layers import SingleGroup
-from model.loader import ShardInfo, build_model, load_model
+from model.loader import build_model, load_model
+from model.shard import ShardInfo
 from tests.tiny_models import PagedRunner, make_tiny_gpt2, make_tiny_llama
 
 

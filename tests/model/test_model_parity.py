@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 
 from model.config import ModelSpec
 from model.layers import SingleGroup
-from model.loader import ShardInfo, load_model
+from model.loader import load_model
+from model.shard import ShardInfo
 from tests.ports import free_port
 from tests.tiny_models import PagedRunner, make_tiny_gpt2, make_tiny_llama
 

@@ -1,0 +1,63 @@
+"""EngineConfig: every setting of one engine (model, layout, batching, KV cache), declared and validated once.
+
+The same frozen object travels from the YAML file (``deployments.config.AppConfig`` extends it with
+the serving settings) or the command line to the engine and on to every worker of its gang.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.parallel import ParallelConfig
+
+DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes: getattr(torch, name)
+DEVICES = ("cpu", "cuda")
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = Field(
+        None, description="HF directory, .gguf file, or null for the bundled SmolLM2-135M-Instruct."
+    )
+    dtype: Literal[DTYPES] = Field("float32", description="Weight and activation dtype.")
+    device: Literal[DEVICES] = Field("cpu", description="Where workers run: one GPU each on cuda.")
+    tensor_parallel_size: int = Field(1, ge=1, description="Workers that split each layer (must divide the heads).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Stages the layers are split into.")
+    layer_split: tuple[int, ...] | None = Field(
+        None, description="Layers per pipeline stage (YAML [16, 14], flag 16,14); null = as even as possible."
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="Longest prompt + output in tokens; null = the model's limit capped by the KV cache."
+    )
+    max_num_seqs: int = Field(32, ge=1, description="Most sequences in one batch.")
+    max_num_batched_tokens: int = Field(
+        512, ge=1, description="Most tokens computed in one step; longer prompts are chunked."
+    )
+    block_size: int = Field(16, ge=1, description="Tokens per KV cache block.")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="KV cache blocks per worker; null = from kv_cache_memory_gib."
+    )
+    kv_cache_memory_gib: float = Field(1.0, gt=0, description="KV cache memory per worker when num_kv_blocks is null.")
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV blocks of prompt prefixes already computed (same system prompt, same chat)."
+    )
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs reserved per worker on cpu; null = 1 when serving, the host's cores shared offline."
+    )
+
+    @model_validator(mode="after")
+    def _layout(self) -> "EngineConfig":
+        self.parallel  # ParallelConfig refuses a layer_split that does not fit pipeline_parallel_size
+        return self
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.layer_split)
+
+    def worker_cpus(self) -> float:
+        """CPUs per worker: as configured, else this host's cores shared among the gang."""
+        return self.cpus_per_worker or max(0.01, (os.cpu_count() or 1) / self.parallel.world_size)

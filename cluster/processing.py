@@ -1,0 +1,87 @@
+"""Text in and out of the engine, once per request: tokenize and check the prompt, fill in the
+defaults, then turn each sampled token into a text delta and name its logprob tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cluster.protocol import GenerateRequest, InvalidRequestError, RequestOutput, TokenLogprob
+from model.sampling_params import SamplingParams
+from model.tokenizer import IncrementalDetokenizer, encode_prompt
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+
+    def process(self, request: GenerateRequest) -> tuple[list[int], SamplingParams]:
+        """The prompt's token ids and the params with max_tokens filled in; InvalidRequestError
+        for what can never run, before anything is queued."""
+        prompt = request.prompt
+        try:
+            if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+                ids = list(prompt)  # token ids (an empty list is refused below)
+            else:
+                ids = encode_prompt(self.tokenizer, prompt, raw=request.raw)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        params = request.params
+        if params.max_tokens is None:  # OpenAI's default: the rest of the context
+            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(ids)))
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) is {total}, "
+                f"over the context length {self.max_model_len}"
+            )
+        return ids, params
+
+
+class OutputStream:
+    """One request's way out: sampled tokens become text deltas (held back while they may begin a
+    stop string or end inside a character), logprobs get their tokens' text."""
+
+    def __init__(self, tokenizer, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.request_id = request_id
+        self.prompt_tokens = len(prompt_ids)
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.stop)
+        self.completion_tokens = 0
+
+    @property
+    def hit_stop_string(self) -> bool:
+        return self.detok.stopped
+
+    def add(self, token: int, finish_reason: str | None, logprob: float | None,
+            top: list[tuple[int, float]] | None) -> RequestOutput:
+        """The delta for one sampled token; finish_reason is the scheduler's (None: it goes on).
+        A stop string found here finishes the request too: then ``hit_stop_string`` is true."""
+        self.completion_tokens += 1
+        text, hit_stop = self.detok.add(token)
+        if hit_stop:
+            finish_reason = "stop"
+        elif finish_reason is not None:
+            text += self.detok.flush()  # text held back in case it began a stop string
+        logprobs = None
+        if logprob is not None:
+            logprobs = [TokenLogprob(token, self._text(token), logprob, [(self._text(t), v) for t, v in top or []])]
+        return RequestOutput(
+            request_id=self.request_id,
+            text=text,
+            token_ids=[token],
+            logprobs=logprobs,
+            finished=finish_reason is not None,
+            finish_reason=finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+        )
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
