@@ -178,6 +178,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_k8s_render(args: argparse.Namespace) -> int:
+    from deployments.k8s import RenderOptions, render_file
+
+    opts = RenderOptions(**{f: getattr(args, f) for f in RenderOptions.__dataclass_fields__})
+    text = render_file(opts)
+    if opts.out:
+        Path(opts.out).write_text(text)
+        print(f"wrote {opts.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_k8s_check(args: argparse.Namespace) -> int:
+    from deployments.k8s import check_file, serve_replica_range
+
+    for path in args.manifests:
+        config = check_file(path)
+        lo, hi = serve_replica_range(config)
+        print(f"{path}: ok (RayService, {config.device}, tp={config.tensor_parallel_size} x "
+              f"pp={config.pipeline_parallel_size}, {lo}..{hi} replicas)")  # fmt: skip
+    return 0
+
+
+def _add_k8s_commands(parent) -> None:
+    from deployments.k8s import IMAGE_VERSION
+
+    k8s = parent.add_parser("k8s", help="KubeRay manifests: render from a config, check against the CRDs")
+    sub = k8s.add_subparsers(dest="k8s_command", required=True)
+    render = sub.add_parser("render", help="write a KubeRay RayService manifest from a Serve/AppConfig YAML")
+    render.add_argument("--config", required=True, help="Serve config YAML, the AppConfig under applications[0].args")
+    render.add_argument("--gpu", action="store_true", help="GPU worker pods (the config must say device: cuda)")
+    render.add_argument("--out", default=None, help="write here instead of stdout")
+    render.add_argument("--name", default=None, help="RayService name (default: shardserve-<config file stem>)")
+    render.add_argument("--image", default=None, help=f"container image (default: shardserve:{IMAGE_VERSION}-cpu|gpu)")
+    render.add_argument("--head-cpus", type=int, default=None)
+    render.add_argument("--head-memory", default=None, help="e.g. 2Gi")
+    render.add_argument("--worker-cpus", type=int, default=None)
+    render.add_argument("--worker-memory", default=None, help="e.g. 4Gi")
+    render.add_argument("--worker-gpus", type=int, default=None, help="GPUs per worker pod (default: tp)")
+    render.add_argument("--models-pvc", default="shardserve-models", help="PVC holding an absolute `model` path")
+    render.add_argument("--models-mount", default="/models", help="where that PVC is mounted in worker pods")
+    render.set_defaults(func=cmd_k8s_render)
+
+    check = sub.add_parser("check", help="validate RayService manifests: CRD schema, Serve config, resource fit")
+    check.add_argument("manifests", nargs="+")
+    check.set_defaults(func=cmd_k8s_check)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardserve", description="Sharded LLM serving on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,9 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: the config's grpc_options, else 9000)")
     srv.set_defaults(func=cmd_serve)
 
-    from deployments.k8s import add_k8s_parser
-
-    add_k8s_parser(sub)
+    _add_k8s_commands(sub)
     return parser
 
 
@@ -214,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="shardserve: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except ValueError as e:  # bad flags or layouts: say what is wrong, no traceback
+    except (ValueError, OSError) as e:  # bad flags, configs, layouts, manifests, missing files: no traceback
         print(f"shardserve: error: {e}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM2 ships as model_type "llama"
 GPT2_MODEL_TYPES = ("gpt2",)

@@ -6,7 +6,6 @@ or Ray cluster.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import re
 import shlex
@@ -20,8 +19,12 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from deployments import k8s
+from deployments.cli import build_parser
+from deployments.cli import main as cli_main
+from deployments.placement import ROUTER_CPUS
 from deployments.config import load_app_config, load_serve_file
-from deployments.crd_schema import CRD_DIR, ManifestError, openapi_to_jsonschema, schema_errors
+from deployments.k8s.checks import UPGRADE_TYPES
+from deployments.k8s.crd_schema import CRD_DIR, ManifestError, openapi_to_jsonschema, schema_errors
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((REPO / "k8s").glob("*.yaml"))
@@ -46,9 +49,7 @@ def serve_config(doc: dict) -> dict:
 
 def render_options(command: str) -> k8s.RenderOptions:
     """Parse a header's `shardserve k8s render ...` line with the real argument parser."""
-    parser = argparse.ArgumentParser()
-    k8s.add_k8s_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(shlex.split(command)[1:])
+    args = build_parser().parse_args(shlex.split(command)[1:])
     return k8s.RenderOptions(**{f: getattr(args, f) for f in k8s.RenderOptions.__dataclass_fields__})
 
 
@@ -71,10 +72,10 @@ def test_committed_manifest_equals_render_output(path, monkeypatch):
     assert k8s.render_file(opts) == text, f"{path.name} drifted from its config: run `{match.group(1)}`"
 
 
-def test_python_m_render_writes_the_same_text_as_the_api(monkeypatch):
+def test_cli_render_writes_the_same_text_as_the_api(monkeypatch):
     monkeypatch.chdir(REPO)
     out = subprocess.run(
-        [sys.executable, "-m", "deployments.k8s", "render", "--config", "k8s/configs/cpu.yaml"],
+        [sys.executable, "-m", "deployments.cli", "k8s", "render", "--config", "k8s/configs/cpu.yaml"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -155,7 +156,7 @@ def test_head_ports_probes_autoscaling_and_upgrade(path):
             assert "readinessProbe" not in ctr and "livenessProbe" not in ctr
     assert c["enableInTreeAutoscaling"] is True
     assert c["autoscalerOptions"]["upscalingMode"] == "Default"
-    assert doc["spec"]["upgradeStrategy"]["type"] in k8s.UPGRADE_TYPES
+    assert doc["spec"]["upgradeStrategy"]["type"] in UPGRADE_TYPES
     assert c["rayVersion"] == ray.__version__
 
 
@@ -401,8 +402,7 @@ def test_render_takes_a_bare_app_config_mapping():
 
 def test_k8s_subcommands_through_the_cli_parser(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    parser = argparse.ArgumentParser(prog="shardserve")
-    k8s.add_k8s_parser(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(
         ["k8s", "render", "--config", "k8s/configs/gpu-tp.yaml", "--gpu", "--out", "k8s/rayservice-gpu-tp.yaml"]
     )
@@ -416,14 +416,14 @@ def test_k8s_subcommands_through_the_cli_parser(monkeypatch, capsys):
 def test_check_command_fails_on_a_broken_manifest(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_broken(lambda d: cluster(d)["workerGroupSpecs"][0].pop("groupName"))))
-    assert k8s.main(["check", str(bad)]) == 2
+    assert cli_main(["k8s", "check", str(bad)]) == 2
     assert "'groupName' is a required property" in capsys.readouterr().err
 
 
 def test_router_cpus_match_the_router_deployment():
     from deployments.router import Router
 
-    assert Router.ray_actor_options["num_cpus"] == k8s.ROUTER_CPUS
+    assert Router.ray_actor_options["num_cpus"] == ROUTER_CPUS
 
 
 def test_dockerfile_builds_the_image_the_manifests_name():

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from jsonschema import Draft7Validator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # CI keeps ../shared beside the checkout; SHARDSERVE_KUBERAY_CRDS points elsewhere.
 CRD_DIR = Path(os.environ.get("SHARDSERVE_KUBERAY_CRDS", REPO_ROOT.parent / "shared" / "kuberay" / "crds"))
 CRD_FILES = {
