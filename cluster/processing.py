@@ -21,7 +21,7 @@ class InputProcessor:
         for what can never run, before anything is queued."""
         prompt = request.prompt
         try:
-            if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            if isinstance(prompt, list) and all(type(t) is int for t in prompt):
                 ids = list(prompt)  # token ids (an empty list is refused below)
             else:
                 ids = encode_prompt(self.tokenizer, prompt, raw=request.raw)
@@ -34,7 +34,11 @@ class InputProcessor:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
         params = request.params
         if params.max_tokens is None:  # OpenAI's default: the rest of the context
-            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(ids)))
+            if len(ids) >= self.max_model_len:
+                raise InvalidRequestError(
+                    f"prompt ({len(ids)} tokens) leaves no room to generate in the context length {self.max_model_len}"
+                )
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise InvalidRequestError(

@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from model.kv_cache import BlockAllocator, block_hash, blocks_for
-from model.sampling import SamplingParams
+from model.sampling_params import SamplingParams
 
 
 class SeqStatus(enum.Enum):
@@ -141,8 +141,11 @@ class Scheduler:
         (``finish_reason`` says which). Returns (sequence, its row in token_ids) for every live
         sampled sequence, finished ones included, so their last token still reaches the caller.
         """
+        num_sampled = sum(e.samples for e in batch.entries)
+        if len(token_ids) != num_sampled:
+            raise ValueError(f"a step that samples {num_sampled} sequences came back with {len(token_ids)} tokens")
         sampled = []
-        rows = iter(range(len(token_ids)))
+        rows = iter(range(num_sampled))
         for e in batch.entries:
             seq = e.seq
             seq.in_flight = False

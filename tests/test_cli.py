@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
 import pytest
 
+from cluster.config import EngineConfig
+from deployments.cli import _app_config, build_parser
+from deployments.config import AppConfig, Listeners
 from model.tokenizer import encode_prompt, load_tokenizer
 from tests.reference import hf_greedy
-
-pytestmark = pytest.mark.ray  # each `shardserve generate` process starts its own Ray
 
 
 def shardserve(*args: str) -> subprocess.CompletedProcess:
@@ -20,6 +22,7 @@ def shardserve(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.ray  # the `shardserve generate` process starts its own Ray
 def test_generate_prints_one_json_line_per_prompt_matching_transformers(tiny_llama_dir, tmp_path):
     prompts = ["The quick brown fox", "Paris is the capital of"]
     path = tmp_path / "prompts.jsonl"
@@ -39,6 +42,7 @@ def test_generate_prints_one_json_line_per_prompt_matching_transformers(tiny_lla
         assert line["text"] == tok.decode(line["token_ids"], skip_special_tokens=True)
 
 
+@pytest.mark.ray  # the `shardserve generate` process starts its own Ray
 def test_bad_layout_is_refused_with_the_numbers(tiny_llama_dir):
     proc = shardserve("generate", "--model", str(tiny_llama_dir), "-tp", "3", "--prompt", "hi", "--raw")
     assert proc.returncode == 2
@@ -46,6 +50,7 @@ def test_bad_layout_is_refused_with_the_numbers(tiny_llama_dir):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.ray  # the `shardserve generate` process starts its own Ray
 def test_config_file_errors_name_the_field_and_flags_override_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("applications:\n  - import_path: deployments.app:build_app\n    args: {pipeline_parallel_size: -1}\n")
@@ -58,3 +63,100 @@ def test_config_file_errors_name_the_field_and_flags_override_the_file(tmp_path)
     proc = shardserve("generate", "--config", str(good), "-pp", "0", "--prompt", "hi")
     assert proc.returncode == 2
     assert "command line: pipeline_parallel_size" in proc.stderr  # the flag replaced the file's 2
+
+
+# -- flags into the config: the parser and _app_config alone, no process, no Ray ----------------------
+def parse(*argv: str):
+    """(AppConfig, Listeners) for a command line."""
+    return _app_config(build_parser().parse_args(list(argv)))
+
+
+def subcommand(name: str) -> argparse.ArgumentParser:
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_every_engine_config_field_is_a_flag_of_its_own_name(command):
+    """Each EngineConfig field has --field-name (underscores as dashes) writing to that field, in both commands."""
+    flags = subcommand(command)._option_string_actions
+    for name in EngineConfig.model_fields:
+        flag = "--" + name.replace("_", "-")
+        assert flag in flags, f"{command} has no {flag}"
+        assert flags[flag].dest == name
+
+
+def test_flags_end_up_in_the_app_config_and_the_rest_stays_default():
+    """Engine and serving flags (bools as --no-..., tuples as N,N, short -pp) land in their AppConfig fields."""
+    config, listeners = parse(
+        "serve", "--max-num-seqs", "8", "--no-enable-prefix-caching", "--layer-split", "20,10", "-pp", "2",
+        "--block-size", "8", "--num-replicas", "3", "--max-queued-requests", "5",
+    )  # fmt: skip
+    assert isinstance(config, AppConfig)
+    assert config.max_num_seqs == 8
+    assert config.enable_prefix_caching is False
+    assert config.layer_split == (20, 10)
+    assert config.pipeline_parallel_size == 2
+    assert config.block_size == 8
+    assert config.num_replicas == 3
+    assert config.max_queued_requests == 5
+    defaults = AppConfig()
+    assert config.tensor_parallel_size == defaults.tensor_parallel_size == 1
+    assert config.max_num_batched_tokens == defaults.max_num_batched_tokens
+    assert config.engine_config().layer_split == (20, 10)  # what the engine itself gets
+    assert listeners == Listeners()
+
+
+def test_generate_takes_the_same_engine_flags():
+    """`generate` parses engine flags into the same config (-tp short flag included)."""
+    config, _ = parse("generate", "-tp", "2", "--max-model-len", "256", "--dtype", "bfloat16", "--prompt", "hi")
+    assert (config.tensor_parallel_size, config.max_model_len, config.dtype) == (2, 256, "bfloat16")
+
+
+SERVE_FILE = """\
+http_options:
+  host: 127.0.0.1
+  port: 8123
+grpc_options:
+  port: 9123
+  grpc_servicer_functions:
+    - deployments.proto.shardserve_pb2_grpc.add_ShardServeServicer_to_server
+applications:
+  - name: shardserve
+    route_prefix: /
+    import_path: deployments.app:build_app
+    args:
+      max_num_seqs: 4
+      tensor_parallel_size: 2
+      num_replicas: null
+      autoscaling: {min_replicas: 1, max_replicas: 3}
+"""
+
+
+def test_listener_flags_land_in_the_listeners():
+    """--host and --port set the Listeners (the second element), not the AppConfig."""
+    config, listeners = parse("serve", "--port", "9100", "--host", "0.0.0.0")
+    assert listeners == Listeners(host="0.0.0.0", port=9100, grpc_port=9000)
+    assert "host" not in config.model_dump() and "port" not in config.model_dump()
+
+
+def test_config_file_listeners_apply_unless_a_flag_is_given(tmp_path):
+    """Without flags the Serve file's http_options/grpc_options are the listeners; a flag replaces only its own."""
+    path = tmp_path / "serve.yaml"
+    path.write_text(SERVE_FILE)
+    config, listeners = parse("serve", "--config", str(path))
+    assert listeners == Listeners(host="127.0.0.1", port=8123, grpc_port=9123)
+    assert (config.max_num_seqs, config.tensor_parallel_size) == (4, 2)
+    assert config.autoscaling is not None and config.autoscaling.max_replicas == 3
+
+    config, listeners = parse("serve", "--config", str(path), "--port", "9100", "--max-num-seqs", "8")
+    assert listeners == Listeners(host="127.0.0.1", port=9100, grpc_port=9123)
+    assert (config.max_num_seqs, config.tensor_parallel_size) == (8, 2)  # the flag wins, the file fills the rest
+
+
+def test_num_replicas_flag_replaces_the_files_autoscaling(tmp_path):
+    """A fixed --num-replicas drops the file's autoscaling block instead of clashing with it."""
+    path = tmp_path / "serve.yaml"
+    path.write_text(SERVE_FILE)
+    config, _ = parse("serve", "--config", str(path), "--num-replicas", "2")
+    assert config.num_replicas == 2 and config.autoscaling is None

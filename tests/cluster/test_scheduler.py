@@ -201,3 +201,112 @@ def test_prefix_caching_off_shares_nothing():
     s.add("b", PREFIX + [1], GREEDY, 0)
     assert entries(s.schedule()) == [("b", 0, 13, True)]
     assert s.prefix_cache_query_tokens == s.prefix_cache_hit_tokens == 0
+
+
+# -- update: tokens in, finish reasons out ---------------------------------------------------------
+EOS = 2
+
+
+def make_limited(num_blocks=64, max_model_len=None, eos=frozenset({EOS})):
+    """A scheduler that knows the EOS ids and, optionally, the context length."""
+    alloc = BlockAllocator(num_blocks, 4)
+    return alloc, Scheduler(
+        alloc, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=max_model_len, eos_token_ids=eos
+    )
+
+
+def step(sched, tokens):
+    """Schedule one batch and return what update makes of it, as (request_id, row) pairs."""
+    batch = sched.schedule()
+    return [(seq.request_id, row) for seq, row in sched.update(batch, tokens)]
+
+
+def test_eos_finishes_with_stop_unless_ignore_eos():
+    """EOS ends a sequence ("stop") and it is still returned with its last token; ignore_eos goes on."""
+    _, s = make_limited()
+    a = s.add("a", [1, 3, 4], SamplingParams(max_tokens=8, temperature=0.0), 0)
+    b = s.add("b", [1, 3, 5], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), 0)
+    assert step(s, [EOS, EOS]) == [("a", 0), ("b", 1)]
+    assert a.status is SeqStatus.FINISHED and a.finish_reason == "stop" and a.output_ids == [EOS]
+    assert b.status is SeqStatus.RUNNING and b.finish_reason is None and b.output_ids == [EOS]
+    assert [e.seq.request_id for e in s.schedule().entries] == ["b"]
+
+
+def test_stop_token_ids_finish_with_stop_only_for_the_sequence_that_asked():
+    """A token in params.stop_token_ids ends that sequence ("stop"); the same token elsewhere does not."""
+    _, s = make_limited()
+    a = s.add("a", [1, 3], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=(9,)), 0)
+    b = s.add("b", [1, 4], SamplingParams(max_tokens=8, temperature=0.0), 0)
+    assert step(s, [5, 5]) == [("a", 0), ("b", 1)]
+    assert a.status is SeqStatus.RUNNING  # a token not in stop_token_ids goes on
+    assert step(s, [9, 9]) == [("a", 0), ("b", 1)]
+    assert (a.status, a.finish_reason, a.output_ids) == (SeqStatus.FINISHED, "stop", [5, 9])
+    assert (b.status, b.finish_reason) == (SeqStatus.RUNNING, None)
+
+
+def test_max_tokens_reached_finishes_with_length():
+    """The max_tokens-th token ends the sequence with "length", not one token earlier or later."""
+    _, s = make_limited()
+    a = s.add("a", [1, 3, 4], SamplingParams(max_tokens=3, temperature=0.0), 0)
+    step(s, [5])
+    step(s, [6])
+    assert a.status is SeqStatus.RUNNING and a.finish_reason is None
+    assert step(s, [7]) == [("a", 0)]
+    assert (a.status, a.finish_reason, a.output_ids) == (SeqStatus.FINISHED, "length", [5, 6, 7])
+    assert s.schedule() is None
+
+
+def test_max_model_len_reached_finishes_with_length():
+    """A sequence reaching max_model_len tokens (prompt + output) ends with "length" before max_tokens."""
+    _, s = make_limited(max_model_len=6)
+    a = s.add("a", [1, 3, 4, 5], SamplingParams(max_tokens=16, temperature=0.0), 0)
+    step(s, [6])
+    assert a.status is SeqStatus.RUNNING and a.num_tokens == 5
+    step(s, [7])
+    assert (a.status, a.finish_reason, a.num_tokens) == (SeqStatus.FINISHED, "length", 6)
+
+
+def test_without_max_model_len_only_max_tokens_limits():
+    """max_model_len=None: a sequence runs until its max_tokens, however long it grows."""
+    _, s = make_limited(max_model_len=None)
+    a = s.add("a", [1, 3, 4, 5], SamplingParams(max_tokens=5, temperature=0.0), 0)
+    for t in range(4):
+        step(s, [10 + t])
+    assert a.status is SeqStatus.RUNNING
+    step(s, [20])
+    assert (a.finish_reason, a.num_tokens) == ("length", 9)
+
+
+def test_sequence_finished_by_update_frees_its_blocks_at_once():
+    """The step that finishes a sequence returns all its blocks before the next schedule."""
+    alloc, s = make_limited(num_blocks=8)
+    a = s.add("a", list(range(10, 19)), SamplingParams(max_tokens=8, temperature=0.0), 0)
+    step(s, [5])
+    assert alloc.num_free == alloc.num_blocks - 3 and len(a.block_ids) == 3
+    step(s, [EOS])
+    assert a.block_ids == [] and alloc.num_free == alloc.num_blocks
+    assert s.num_unfinished == 0
+
+
+def test_sequence_aborted_while_in_flight_is_skipped_and_the_others_advance():
+    """finish(seq) during a step: update appends nothing to it and does not return it; the other
+    entries (a sampling one and a prefill chunk) advance, each sampled one taking its own row."""
+    alloc = BlockAllocator(64, 4)
+    s = Scheduler(alloc, max_num_seqs=8, max_num_batched_tokens=12, eos_token_ids=frozenset({EOS}))
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    a = s.add("a", [1, 3], params, 0)
+    b = s.add("b", [1, 4, 5], params, 0)
+    c = s.add("c", list(range(20, 40)), params, 0)
+    batch = s.schedule()
+    assert [(e.seq.request_id, e.num_new, e.samples) for e in batch.entries] == [
+        ("a", 2, True), ("b", 3, True), ("c", 7, False)
+    ]  # fmt: skip
+    s.finish(a)
+    assert alloc.num_free == alloc.num_blocks - 1 - 2  # a's block came back at once; b's 1 and c's 2 are held
+    assert [(seq.request_id, row) for seq, row in s.update(batch, [EOS, 6])] == [("b", 1)]
+    assert a.output_ids == [] and (a.status, a.finish_reason) == (SeqStatus.FINISHED, "abort")
+    assert not a.in_flight and a.num_computed == 0
+    assert b.output_ids == [6] and b.num_computed == 3 and b.status is SeqStatus.RUNNING
+    assert c.output_ids == [] and c.num_computed == 7 and not c.in_flight
+    nxt = s.schedule()
+    assert [(e.seq.request_id, e.start, e.num_new) for e in nxt.entries] == [("b", 3, 1), ("c", 7, 11)]
