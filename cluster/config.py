@@ -51,13 +51,16 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _layout(self) -> "EngineConfig":
-        self.parallel  # ParallelConfig refuses a layer_split that does not fit pipeline_parallel_size
+        _ = self.parallel  # built for its checks: a layer_split that does not fit pipeline_parallel_size
         return self
 
     @property
     def parallel(self) -> ParallelConfig:
         return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, self.layer_split)
 
-    def worker_cpus(self) -> float:
-        """CPUs per worker: as configured, else this host's cores shared among the gang."""
-        return self.cpus_per_worker or max(0.01, (os.cpu_count() or 1) / self.parallel.world_size)
+    def with_cpus_resolved(self) -> "EngineConfig":
+        """This config with cpus_per_worker set: as given, else this host's cores shared among the gang."""
+        if self.cpus_per_worker is not None:
+            return self
+        cpus = max(0.01, (os.cpu_count() or 1) / self.parallel.world_size)
+        return self.model_copy(update={"cpus_per_worker": cpus})

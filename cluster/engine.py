@@ -58,7 +58,7 @@ def num_kv_blocks_for(config: EngineConfig, spec: ModelSpec) -> int:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, pg=None, bundle_offset: int = 0):
-        self.config = config
+        config = self.config = config.with_cpus_resolved()  # what the gang reserves and its workers use
         self.model_dir = resolve_model(config.model)
         self.spec = ModelSpec.from_pretrained(self.model_dir)
         parallel = config.parallel

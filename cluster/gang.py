@@ -50,10 +50,9 @@ class Gang:
         self.parallel = config.parallel
         self.broken: BaseException | None = None  # the first failure; a broken gang serves nothing more
         world = self.parallel.world_size
-        cpus_per_worker = config.worker_cpus()
         self._own_pg = pg is None
         if pg is None:
-            bundles = self.parallel.worker_bundles(config.device, cpus_per_worker)
+            bundles = self.parallel.worker_bundles(config.device, config.cpus_per_worker)
             pg = placement_group(bundles, strategy=self.parallel.placement_strategy)
             ready, _ = ray.wait([pg.ready()], timeout=ready_timeout_s)
             if not ready:
@@ -65,7 +64,7 @@ class Gang:
                 )
         self.pg = pg
         actor_cls = ray.remote(Worker)
-        resources = worker_options(config.device, cpus_per_worker)
+        resources = worker_options(config.device, config.cpus_per_worker)
         self.workers = [
             actor_cls.options(
                 **resources,

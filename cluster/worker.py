@@ -61,7 +61,7 @@ class Worker:
         self.dtype = getattr(torch, config.dtype)
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(config.worker_cpus())))
+            torch.set_num_threads(max(1, int(config.cpus_per_worker)))  # resolved by the engine
         elif self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         # The largest tensor a TP collective carries: a step's hidden states, or its gathered logits.
