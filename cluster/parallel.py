@@ -22,7 +22,6 @@ class RankPlan:
 
     rank: int
     shard: ShardInfo  # what it holds: its stage's layers and its TP slice
-    tp_group: tuple[int, ...]  # global ranks of its stage's TP group, in tp_rank order
     prev_rank: int | None  # same tp_rank one stage earlier: where its hidden states come from
     next_rank: int | None  # same tp_rank one stage later: where its hidden states go
 
@@ -96,7 +95,6 @@ class ParallelConfig:
         return RankPlan(
             rank=rank,
             shard=shard,
-            tp_group=self.stage_ranks(stage),
             prev_rank=self.rank(stage - 1, tp_rank) if stage > 0 else None,
             next_rank=self.rank(stage + 1, tp_rank) if stage < self.pp - 1 else None,
         )
