@@ -45,6 +45,11 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV blocks of prompt prefixes already computed (same system prompt, same chat)."
     )
+    cpu_decode_kernel: bool = Field(
+        True,
+        description="On CPU, keep each linear weight as loaded beside its oneDNN-packed copy, so decode steps of "
+        "one or two tokens run in the compiled GEMV (1.2-1.9x faster); off saves that memory.",
+    )
     cpus_per_worker: float | None = Field(
         None, gt=0, description="CPUs reserved per worker on cpu; null = 1 when serving, the host's cores shared offline."
     )

@@ -25,7 +25,7 @@ from typing import AsyncIterator
 import torch
 
 from cluster.config import EngineConfig
-from cluster.gang import Gang
+from cluster.local_gang import LocalGang
 from cluster.processing import InputProcessor, OutputStream
 from cluster.protocol import EngineDeadError, EngineStats, GenerateRequest, RequestOutput
 from cluster.scheduler import Batch, Scheduler, Sequence
@@ -76,7 +76,12 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or limit
         self.processor = InputProcessor(self.tokenizer, self.spec.vocab_size, self.max_model_len)
 
-        self.gang = Gang(config, str(self.model_dir), pg=pg, bundle_offset=bundle_offset)
+        if parallel.world_size == 1:  # the model in this process: no Ray actor, no call per step
+            self.gang = LocalGang(config, str(self.model_dir))
+        else:
+            from cluster.gang import Gang  # Ray is needed only for a gang of several workers
+
+            self.gang = Gang(config, str(self.model_dir), pg=pg, bundle_offset=bundle_offset)
         self.gang.init_cache(num_blocks)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         eos_token_ids = set(self.spec.eos_token_ids)

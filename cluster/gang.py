@@ -18,14 +18,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.comm import ShmGroup
 from cluster.config import EngineConfig
+from cluster.protocol import GangError
 from cluster.worker import StepInput, Worker
 from model.sampling import SampleOutput
 
 log = logging.getLogger(__name__)
-
-
-class GangError(RuntimeError):
-    """The gang cannot serve: a worker died, hung, or failed a step."""
 
 
 def worker_options(device: str, cpus_per_worker: float) -> dict[str, float]:

@@ -70,3 +70,7 @@ class InvalidRequestError(ValueError):
 
 class EngineDeadError(RuntimeError):
     """The engine's gang failed; requests in flight end with this error."""
+
+
+class GangError(RuntimeError):
+    """The gang cannot serve: a worker died, hung, or failed a step."""

@@ -11,6 +11,7 @@ wraps it as a Ray actor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -25,6 +26,7 @@ from model.config import ModelSpec
 from model.layers import SingleGroup
 from model.loader import LoadReport, load_model
 from model.sampling import SampleOutput, SamplingParams, sample
+
 
 @dataclass
 class StepInput:
@@ -61,7 +63,9 @@ class Worker:
         self.dtype = getattr(torch, config.dtype)
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(config.cpus_per_worker)))  # resolved by the engine
+            # One thread per reserved CPU, a fraction counting whole: a worker that reserves 1.8 CPUs
+            # (the rest of 2 going to the router and the replica) runs 2 threads.
+            torch.set_num_threads(max(1, math.ceil(config.cpus_per_worker - 0.05)))
         elif self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         # The largest tensor a TP collective carries: a step's hidden states, or its gathered logits.
@@ -128,9 +132,10 @@ class Worker:
             self._own_segment = None
 
     def load(self) -> LoadReport:
-        self.model, report = load_model(self.model_dir, self.spec, self.shard, self.tp_group, self.dtype, self.device)
         if self.device.type == "cpu":
-            cpu_kernels.load()  # compiled attention and element-wise ops; plain torch where they cannot be built
+            cpu_kernels.load()  # compiled attention, element-wise ops, GEMV; plain torch where they cannot be built
+        self.model, report = load_model(self.model_dir, self.spec, self.shard, self.tp_group, self.dtype, self.device,
+                                        decode_kernel=self.config.cpu_decode_kernel)  # fmt: skip
         return report
 
     def init_cache(self, num_blocks: int) -> None:

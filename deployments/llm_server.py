@@ -19,7 +19,7 @@ from cluster.protocol import GenerateRequest, InvalidRequestError
 from deployments.autoscaling import engine_utilization
 from deployments.config import AppConfig, AutoscalingConfig
 from deployments.metrics import ReplicaMetrics, RequestTimer
-from deployments.placement import REPLICA_CPUS, replica_bundles, replica_engine_config
+from deployments.placement import replica_actor_options, replica_bundles, replica_engine_config
 from deployments.protocol import RequestError, ServedOutput
 
 METRICS_PERIOD_S = 2.0  # how often engine gauges are refreshed
@@ -93,7 +93,7 @@ def llm_server_deployment(config: AppConfig):
         name="LLMServer",
         placement_group_bundles=replica_bundles(config),
         placement_group_strategy=config.parallel.placement_strategy,
-        ray_actor_options={"num_cpus": REPLICA_CPUS},
+        ray_actor_options=replica_actor_options(config),
         max_ongoing_requests=config.max_num_seqs * 2,
         max_queued_requests=config.max_queued_requests,
         health_check_period_s=10,

@@ -1,8 +1,10 @@
 """What one replica reserves, for the LLMServer deployment and the Kubernetes fit check alike.
 
 A replica's placement group is bundle 0 for the replica actor itself, then one bundle per
-worker in rank order, packed as the parallel layout requires (a TP group on one host). This
-module loads neither Ray nor torch, so rendering and checking manifests stays light.
+worker in rank order, packed as the parallel layout requires (a TP group on one host). A
+replica of one worker (tp = pp = 1) runs the model in its own process (cluster/local_gang.py),
+so bundle 0 holds the worker's CPUs or GPU and no other bundle follows. This module loads
+neither Ray nor torch, so rendering and checking manifests stays light.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from cluster.config import EngineConfig
 from deployments.config import AppConfig
 
-REPLICA_CPUS = 0.1  # the replica process itself only schedules; workers do the math
+REPLICA_CPUS = 0.1  # the replica process itself: it schedules, tokenizes and streams
 ROUTER_CPUS = 0.1  # the Router ingress: parses, routes and streams
 
 
@@ -23,4 +25,17 @@ def replica_engine_config(config: AppConfig) -> EngineConfig:
 def replica_bundles(config: AppConfig) -> list[dict[str, float]]:
     """Bundle 0 holds the replica; one bundle per worker follows, in rank order."""
     engine = replica_engine_config(config)
-    return [{"CPU": REPLICA_CPUS}] + engine.parallel.worker_bundles(engine.device, engine.cpus_per_worker)
+    workers = engine.parallel.worker_bundles(engine.device, engine.cpus_per_worker)
+    if len(workers) == 1:  # the model runs inside the replica
+        (worker,) = workers
+        return [{**worker, "CPU": round(worker.get("CPU", 0.0) + REPLICA_CPUS, 6)}]
+    return [{"CPU": REPLICA_CPUS}] + workers
+
+
+def replica_actor_options(config: AppConfig) -> dict[str, float]:
+    """The replica actor's own resources: bundle 0, in Ray's option names."""
+    bundle = replica_bundles(config)[0]
+    options = {"num_cpus": bundle["CPU"]}
+    if bundle.get("GPU"):
+        options["num_gpus"] = bundle["GPU"]
+    return options

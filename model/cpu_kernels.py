@@ -1,7 +1,8 @@
 """Compiled CPU kernels (model/csrc), built on first use and cached per machine.
 
-Decode attention over the paged KV cache (csrc/paged_attention.cpp) and the fused element-wise
-steps of a Llama layer (csrc/fused_ops.cpp). The build needs g++ and ninja (a dependency of this
+Decode attention over the paged KV cache (csrc/paged_attention.cpp), the fused element-wise
+steps of a Llama layer (csrc/fused_ops.cpp) and the matmul of decode steps of one or two
+tokens (csrc/gemv.cpp). The build needs g++ and ninja (a dependency of this
 package) and takes ~20 s; the library is kept in torch's extension cache ($TORCH_EXTENSIONS_DIR,
 default ~/.cache/torch_extensions) and later loads take well under a second. `make` builds it once
 up front (`python -m model.cpu_kernels`). Where it cannot be built, or with
@@ -26,8 +27,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "fused_ops.cpp")]
-OPS = ("paged_decode_attention", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary")
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp")]
+OPS = ("paged_decode_attention", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary", "gemv")
 SWITCH = "SHARDSERVE_CPU_KERNELS"
 # -fopenmp: at::parallel_for is an OpenMP loop compiled into the library; it links libgomp.so.1,
 # which resolves to the copy torch has already loaded, so both share one thread pool.

@@ -110,18 +110,24 @@ class DenseLinear:
 
 
 class OneDNNPackedLinear:
-    """x A^T + b from A re-laid once in oneDNN's blocked layout.
+    """x A^T + b from A re-laid once in oneDNN's blocked layout, and, for decode steps of one or
+    two tokens, from A as loaded through the compiled GEMV (``decode_weight``).
 
     Why: on CPU, oneDNN's kernels on that layout use every torch thread even for one token and
     stream the weights faster than F.linear. SmolLM2's 30 layers on 2 cores
     (bench/bench_linear.py): 1.4-2.0x faster in float32 from 1 to 512 tokens per step, 1.1-1.35x
-    in bfloat16.
+    in bfloat16. A step of one or two tokens is bound by streaming the weights, where oneDNN
+    reaches ~20 GB/s of this machine's ~30; the GEMV (model/csrc/gemv.cpp) reaches 25-30, at the
+    cost of keeping the loaded weight beside the packed one (EngineConfig.cpu_decode_kernel).
     """
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, weight: Tensor, keep_for_decode: bool):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self.decode_weight = weight.detach() if keep_for_decode else None
 
     def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+        if self.decode_weight is not None and ops.gemv_takes(x):
+            return ops.gemv(x, self.decode_weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
 
@@ -131,8 +137,8 @@ class _Linear(nn.Module):
 
     method: DenseLinear | OneDNNPackedLinear = DenseLinear()
 
-    def pack_weight(self, keep_original: bool = False) -> None:
-        self.method = OneDNNPackedLinear(self.weight)
+    def pack_weight(self, keep_original: bool = False, keep_for_decode: bool = False) -> None:
+        self.method = OneDNNPackedLinear(self.weight, keep_for_decode)
         if not keep_original:
             del self.weight
 

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from model import cpu_kernels
 from model.config import ModelSpec, check_tensor_parallel
 from model.gpt2 import GPT2ForCausalLM
 from model.layers import CheckpointRef, TPGroup, VocabParallelEmbedding, onednn_packing_available
@@ -105,7 +106,9 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
 
 
 def load_model(model_dir: str | Path, spec: ModelSpec, shard: ShardInfo, tp: TPGroup, dtype: torch.dtype,
-               device: torch.device | str) -> tuple[nn.Module, LoadReport]:
+               device: torch.device | str, decode_kernel: bool = True) -> tuple[nn.Module, LoadReport]:
+    """The shard, filled and, on CPU, packed for oneDNN; with decode_kernel (and the compiled kernels
+    loaded) the loaded weights are kept too, for decode steps through the GEMV (layers.OneDNNPackedLinear)."""
     model = build_model(spec, shard, tp, dtype)
     files = checkpoint_files(model_dir)
     report = LoadReport()
@@ -136,13 +139,13 @@ def load_model(model_dir: str | Path, spec: ModelSpec, shard: ShardInfo, tp: TPG
             if p is not None:
                 module._parameters[pname] = filled[id(p)]
     if onednn_packing_available(device, dtype):
-        pack_linear_weights(model)
+        pack_linear_weights(model, keep_for_decode=decode_kernel and cpu_kernels.available())
     return model.eval(), report
 
 
-def pack_linear_weights(model: nn.Module) -> None:
-    """Re-lay every linear weight (and the LM head) for oneDNN; see layers._Linear for why."""
+def pack_linear_weights(model: nn.Module, keep_for_decode: bool = False) -> None:
+    """Re-lay every linear weight (and the LM head) for oneDNN; see layers.OneDNNPackedLinear for why."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, VocabParallelEmbedding)}
     for module in model.modules():
         if hasattr(module, "pack_weight"):
-            module.pack_weight(keep_original=id(module.weight) in embeddings)
+            module.pack_weight(keep_original=id(module.weight) in embeddings, keep_for_decode=keep_for_decode)

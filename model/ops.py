@@ -68,6 +68,21 @@ def silu_and_mul(gate_up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+GEMV_MAX_ROWS = 2  # up to here the compiled GEMV streams weights faster than oneDNN (bench/bench_linear.py)
+
+
+def gemv_takes(x: Tensor) -> bool:
+    """Whether a matmul of x (rows, in) runs in the compiled GEMV: a decode step of one or two tokens."""
+    return x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and fused(x)
+
+
+def gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x W^T + b from W as loaded ([out, in]), each thread streaming its own run of rows. Only where gemv_takes(x)."""
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    torch.ops.shardserve.gemv(out, x, weight, bias)
+    return out
+
+
 def paged_decode_attention(q: Tensor, kv_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
                            scale: float) -> Tensor:
     """The compiled kernel's attention of one query per sequence over its paged KV blocks, read
