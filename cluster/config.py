@@ -51,7 +51,10 @@ class EngineConfig(BaseModel):
         "one or two tokens run in the compiled GEMV (1.2-1.9x faster); off saves that memory.",
     )
     cpus_per_worker: float | None = Field(
-        None, gt=0, description="CPUs reserved per worker on cpu; null = 1 when serving, the host's cores shared offline."
+        None,
+        gt=0,
+        description="CPUs reserved per worker on cpu (it runs that many threads, a fraction rounded up); null = "
+        "this machine's cores shared by the workers when shardserve starts Ray itself, 1 on a cluster it joins.",
     )
 
     @model_validator(mode="after")

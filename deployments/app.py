@@ -1,19 +1,31 @@
-"""build_app(config) -> Application: the one builder used by `serve run`, `shardserve serve` and the tests."""
+"""build_app(config) -> Application: the one builder used by `serve run`, `shardserve serve` and the tests.
+
+The LLMServer replicas are the ingress: each answers HTTP and gRPC itself. With HAProxy in front
+(``RAY_SERVE_ENABLE_HA_PROXY=1`` in the environment of Ray and of the process that builds the
+app, as ``shardserve serve`` and the manifests set it), the Router picks the replica for every
+request and the tokens stream from the replica through HAProxy alone. Without it, Serve's proxy
+forwards to the replicas (one process more on each token's way) and prefix affinity falls back
+to load balancing, since the proxy hands routing no request body.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from ray import serve
 from ray.serve import Application
 from ray.serve.config import gRPCOptions
 
 from deployments.config import AppConfig, Listeners, parse_app_config
 from deployments.llm_server import llm_server_deployment
+from deployments.placement import ROUTER_CPUS
 from deployments.router import Router
 from model.sources import DEFAULT_MODEL
 
-
 GRPC_SERVICER = "deployments.proto.shardserve_pb2_grpc.add_ShardServeServicer_to_server"
+def haproxy_enabled() -> bool:
+    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"  # Ray Serve reads it when it is imported
 
 
 def grpc_options(listeners: Listeners) -> gRPCOptions | None:
@@ -38,4 +50,8 @@ def build_app(args: AppConfig | dict) -> Application:
     # constructor arguments means a change to them alone does not change what a replica is built from.
     replica_args = config.model_copy(update={"num_replicas": 1, "autoscaling": None})
     server = llm_server_deployment(config).bind(replica_args, served_name(config))
-    return Router.bind(server, config.api_key, served_name(config))
+    if not haproxy_enabled():
+        return server
+    router = serve.deployment(Router, name="Router", ray_actor_options={"num_cpus": ROUTER_CPUS},
+                              max_ongoing_requests=1000)  # fmt: skip
+    return server._with_ingress_request_router(router.bind(server))

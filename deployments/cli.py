@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 from cluster.config import EngineConfig
-from deployments.config import AppConfig, Listeners, load_serve_file, parse_app_config
+from deployments.config import SERVE_ENV, AppConfig, Listeners, load_serve_file, parse_app_config
 from model.sampling_params import SamplingParams
 
 DEMO_PROMPTS = [
@@ -149,12 +149,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# `shardserve serve` starting Ray itself (a joined cluster keeps its own) runs Serve as the
+# manifests do (SERVE_ENV), and a replica stopping on one machine drains in 2 s rather than the
+# 30 s a cloud load balancer needs to forget it. Ray reads these when it is imported.
+LOCAL_SERVE_ENV = {**SERVE_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
+def local_cpus_per_worker(config, cores: int) -> float:
+    """On a Ray that `shardserve serve` starts on this machine: its cores, less what the Router and the
+    replicas' own actors take, shared among the workers of the most replicas that may run."""
+    from deployments.placement import REPLICA_CPUS, ROUTER_CPUS
+
+    replicas = config.autoscaling.max_replicas if config.autoscaling else config.num_replicas
+    spare = cores - ROUTER_CPUS - REPLICA_CPUS * replicas
+    return max(0.1, round(spare / (replicas * config.parallel.world_size), 2))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if not args.address:
+        for name, value in LOCAL_SERVE_ENV.items():
+            os.environ.setdefault(name, value)
     from ray import serve
 
     from deployments.app import build_app, grpc_options, served_name
 
     config, listen = _app_config(args)
+    if not args.address and config.cpus_per_worker is None:
+        config = config.model_copy(update={"cpus_per_worker": local_cpus_per_worker(config, os.cpu_count() or 1)})
     ctx = _start_ray(args.address, dashboard=True)
     serve.start(http_options={"host": listen.host, "port": listen.port}, grpc_options=grpc_options(listen))
     serve.run(build_app(config), name="shardserve", route_prefix="/")

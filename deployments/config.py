@@ -17,6 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cluster.config import EngineConfig
 
 
+# How Ray Serve runs shardserve (`shardserve serve` and the manifests set these in Ray's environment):
+# HAProxy in front of the replicas, so tokens stream from the replica that makes them straight to
+# the client (deployments/app.py); HAProxy shows the Router the first 256 KB of each body, which
+# prefix affinity routes on (a longer, truncated body is balanced on load alone).
+SERVE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+    "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE": str(256 * 1024),
+}
+
+
 class AutoscalingConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -57,7 +68,8 @@ class AppConfig(EngineConfig):
     max_queued_requests: int = Field(
         -1,
         ge=-1,
-        description="Requests a router may hold for busy replicas before refusing with 429 / RESOURCE_EXHAUSTED; -1 = no limit.",
+        description="Requests a replica may hold waiting for room in its batch or KV cache before refusing more "
+        "with 429 / RESOURCE_EXHAUSTED; -1 = no limit.",
     )
     routing: Literal["prefix_affinity", "power_of_two_choices"] = Field(
         "prefix_affinity",

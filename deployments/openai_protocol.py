@@ -1,11 +1,16 @@
-"""OpenAI request bodies we accept, and the OpenAI error body we answer with."""
+"""The OpenAI API's shapes: the request bodies we accept and the GenerateRequest each becomes, the
+response bodies and stream chunks a run of RequestOutput deltas becomes, and the error body."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cluster.protocol import GenerateRequest, RequestOutput, TokenLogprob
+from deployments.protocol import RequestError
+from model.sampling_params import SamplingParams
 
 
 class StreamOptions(BaseModel):
@@ -46,6 +51,138 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(None, ge=0, le=5)
 
 
-def error_response(status: int, message: str, *, type_: str, param: str | None = None, code: str | None = None):
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+def error_response(e: RequestError) -> JSONResponse:
+    body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+    return JSONResponse(body, status_code=e.status)
+
+
+# -- requests ---------------------------------------------------------------------------------------
+def validate(body: dict, model_cls):
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise RequestError.invalid(f"{param}: {err['msg']}", param=param) from None
+
+
+def _sampling(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,  # None: the rest of the context
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stop=req.stop or (),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+        )
+    except ValueError as e:
+        raise RequestError.invalid(str(e), code="invalid_request") from None
+
+
+def chat_request(req: ChatCompletionRequest) -> GenerateRequest:
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    messages = [m.model_dump() for m in req.messages]
+    return GenerateRequest(messages, _sampling(req, req.max_completion_tokens or req.max_tokens, logprobs))
+
+
+def completion_request(req: CompletionRequest) -> GenerateRequest:
+    return GenerateRequest(req.prompt, _sampling(req, req.max_tokens, req.logprobs), raw=True)
+
+
+# -- responses --------------------------------------------------------------------------------------
+def usage(item: RequestOutput) -> dict:
+    p, c = item.prompt_tokens, item.completion_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def logprobs_of(items: list[RequestOutput]) -> list[TokenLogprob]:
+    return [lp for item in items for lp in item.logprobs or []]
+
+
+class _Shape:
+    """OpenAI response envelopes; subclasses say how one choice and its logprobs look."""
+
+    id_prefix: str
+    object_full: str
+    object_chunk: str
+
+    @classmethod
+    def _envelope(cls, obj: str, rid: str, model: str, created: int, choices: list, usage: dict | None = None) -> dict:
+        body = {"id": f"{cls.id_prefix}-{rid}", "object": obj, "created": created, "model": model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+    @classmethod
+    def _logprobs(cls, items: list[RequestOutput]) -> dict | None:
+        entries = logprobs_of(items)
+        return cls._format_logprobs(entries) if entries else None
+
+    @classmethod
+    def full(cls, items: list[RequestOutput], rid: str, model: str, created: int) -> dict:
+        choice = cls._full_choice("".join(i.text for i in items))
+        choice.update(finish_reason=items[-1].finish_reason, logprobs=cls._logprobs(items))
+        return cls._envelope(cls.object_full, rid, model, created, [choice], usage(items[-1]))
+
+    @classmethod
+    def chunk(cls, item: RequestOutput, rid: str, model: str, created: int, first: bool = False) -> dict:
+        choice = cls._chunk_choice(item.text, first)
+        choice.update(finish_reason=item.finish_reason, logprobs=cls._logprobs([item]))
+        return cls._envelope(cls.object_chunk, rid, model, created, [choice])
+
+    @classmethod
+    def usage_chunk(cls, item: RequestOutput, rid: str, model: str, created: int) -> dict:
+        return cls._envelope(cls.object_chunk, rid, model, created, [], usage(item))
+
+
+class ChatShape(_Shape):
+    id_prefix, object_full, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    @staticmethod
+    def _full_choice(text: str) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": text}}
+
+    @staticmethod
+    def _chunk_choice(text: str, first: bool) -> dict:
+        delta = {"content": text}
+        if first:
+            delta["role"] = "assistant"
+        return {"index": 0, "delta": delta}
+
+    @staticmethod
+    def _format_logprobs(entries: list[TokenLogprob]) -> dict:
+        return {
+            "content": [
+                {
+                    "token": lp.token,
+                    "logprob": lp.logprob,
+                    "bytes": list(lp.token.encode()),
+                    "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp.top],
+                }
+                for lp in entries
+            ]
+        }
+
+
+class CompletionShape(_Shape):
+    id_prefix, object_full, object_chunk = "cmpl", "text_completion", "text_completion"
+
+    @staticmethod
+    def _full_choice(text: str) -> dict:
+        return {"index": 0, "text": text}
+
+    @staticmethod
+    def _chunk_choice(text: str, first: bool) -> dict:
+        return {"index": 0, "text": text}
+
+    @staticmethod
+    def _format_logprobs(entries: list[TokenLogprob]) -> dict:
+        return {
+            "tokens": [lp.token for lp in entries],
+            "token_logprobs": [lp.logprob for lp in entries],
+            "top_logprobs": [dict(lp.top) for lp in entries],
+        }
+

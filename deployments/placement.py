@@ -13,7 +13,7 @@ from cluster.config import EngineConfig
 from deployments.config import AppConfig
 
 REPLICA_CPUS = 0.1  # the replica process itself: it schedules, tokenizes and streams
-ROUTER_CPUS = 0.1  # the Router ingress: parses, routes and streams
+ROUTER_CPUS = 0.1  # the Router: picks the replica for each request (HAProxy mode)
 
 
 def replica_engine_config(config: AppConfig) -> EngineConfig:

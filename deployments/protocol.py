@@ -1,18 +1,7 @@
-"""Router <-> LLMServer: the router sends a ``GenerateRequest`` (cluster/protocol.py), the replica
-streams ``ServedOutput`` items back, and every refusal, on either side, is a ``RequestError``
-carrying its HTTP status and OpenAI error fields (gRPC maps the status to a code)."""
+"""RequestError: every refusal of a request, carrying its HTTP status and OpenAI error fields
+(gRPC maps the status to a code)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-
-from cluster.protocol import RequestOutput
-
-
-@dataclass
-class ServedOutput:
-    replica: str  # the replica serving the request (answered as the x-shardserve-replica header)
-    output: RequestOutput
 
 
 class RequestError(Exception):
@@ -22,7 +11,7 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
-    def __reduce__(self):  # picklable, so it crosses from the replica to the router and on to the gRPC proxy
+    def __reduce__(self):  # picklable, so it can cross to Serve's gRPC proxy
         return _request_error, (self.status, self.message, self.type, self.param, self.code)
 
     @classmethod

@@ -4,12 +4,19 @@ the choice between the compiled CPU kernels and plain torch."""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
+from deployments.cli import LOCAL_SERVE_ENV
 from model import cpu_kernels
 from tests.tiny_models import make_tiny_gpt2, make_tiny_llama
 from tests.tiny_tokenizer import save_tiny_tokenizer
+
+# Serve as `shardserve serve` runs it (HAProxy in front of the replicas). Ray Serve reads these when
+# it is first imported, here in the test process as in every Ray process it starts.
+for _name, _value in LOCAL_SERVE_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 
 def pytest_collection_modifyitems(items):
@@ -44,8 +51,6 @@ def cpu_ops(request):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    import os
-
     import ray
 
     # Fast autoscaling and metrics for the tests; Serve and Ray read these when their processes start.

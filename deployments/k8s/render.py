@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from deployments.config import AppConfig, ConfigError
+from deployments.config import SERVE_ENV, AppConfig, ConfigError
 from deployments.k8s.checks import operator_rule_errors
 from deployments.k8s.fit import Resources, check_resource_fit, pods_needed, replica_units, serve_replica_range
 from deployments.k8s.serve_config import cluster_serve_config
@@ -22,8 +22,10 @@ RAY_VERSION = version("ray")  # the cluster runs the Ray this package pins
 HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}
 METRICS_PORT = HEAD_PORTS["metrics"]
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+# Every Ray container runs Serve the way shardserve does (HAProxy in front of the replicas).
+SERVE_CONTAINER_ENV = [{"name": name, "value": value} for name, value in SERVE_ENV.items()]
 # The pod's interface: gloo otherwise binds the hostname's address, which can be loopback in a pod.
-WORKER_ENV = [{"name": "GLOO_SOCKET_IFNAME", "value": "eth0"}]
+WORKER_ENV = SERVE_CONTAINER_ENV + [{"name": "GLOO_SOCKET_IFNAME", "value": "eth0"}]
 AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
 
 
@@ -127,6 +129,7 @@ def build_rayservice(serve_config: dict, opts: RenderOptions) -> tuple[dict, App
         "name": "ray-head",
         "image": image,
         "imagePullPolicy": "IfNotPresent",
+        "env": SERVE_CONTAINER_ENV,
         "ports": [{"name": n, "containerPort": p} for n, p in head_ports.items()],
         "resources": head.resources(),
     }

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.protocol import GenerateRequest
 from deployments.request_router import prefix_keys, prompt_text
-from model.sampling_params import SamplingParams
 from tests.deployments.served_app import greedy_chat, post_chats
 
 SYSTEM = "You are a careful assistant for the fleet operations team. " * 8  # ~480 characters
@@ -15,8 +13,7 @@ def test_prefix_keys_share_a_prefix_and_ignore_short_prompts():
     b = prefix_keys("x" * 300 + "another question", chunk_chars=64, min_prefix_chars=256)
     assert a and a[0] == b[0]  # the shared 256 characters hash alike
     assert prefix_keys("short prompt", chunk_chars=64, min_prefix_chars=256) == []
-    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
-    chat = prompt_text(GenerateRequest(messages, SamplingParams()))
+    chat = prompt_text([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
     assert chat == "<|system|>S<|user|>U"
 
 

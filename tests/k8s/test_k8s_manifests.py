@@ -21,7 +21,6 @@ from ray.serve.schema import ServeDeploySchema
 from deployments import k8s
 from deployments.cli import build_parser
 from deployments.cli import main as cli_main
-from deployments.placement import ROUTER_CPUS
 from deployments.config import load_app_config, load_serve_file
 from deployments.k8s.checks import UPGRADE_TYPES
 from deployments.k8s.crd_schema import CRD_DIR, ManifestError, openapi_to_jsonschema, schema_errors
@@ -420,12 +419,6 @@ def test_check_command_fails_on_a_broken_manifest(tmp_path, capsys):
     assert "'groupName' is a required property" in capsys.readouterr().err
 
 
-def test_router_cpus_match_the_router_deployment():
-    from deployments.router import Router
-
-    assert Router.ray_actor_options["num_cpus"] == ROUTER_CPUS
-
-
 def test_dockerfile_builds_the_image_the_manifests_name():
     text = (REPO / "k8s/Dockerfile").read_text()
     assert f"ARG BASE_IMAGE=rayproject/ray:{ray.__version__}-py311-cpu" in text
@@ -436,3 +429,15 @@ def test_dockerfile_builds_the_image_the_manifests_name():
     assert steps == sorted(steps)
     for path in MANIFESTS:
         assert f"-t {'REGISTRY/' if 'gpu' in path.name else ''}shardserve:{k8s.IMAGE_VERSION}-" in text
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_every_ray_container_runs_serve_behind_haproxy(path):
+    """The environment shardserve serve runs Serve with: HAProxy in front, bodies shown to the Router."""
+    from deployments.config import SERVE_ENV
+
+    c = cluster(load(path))
+    pods = [c["headGroupSpec"]] + c["workerGroupSpecs"]
+    for pod in pods:
+        env = {e["name"]: e["value"] for e in pod["template"]["spec"]["containers"][0].get("env", [])}
+        assert SERVE_ENV.items() <= env.items(), pod.get("groupName", "head")
