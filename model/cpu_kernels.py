@@ -54,9 +54,13 @@ def available() -> bool:
     return bool(_loaded)
 
 
+_DTYPES = frozenset((torch.float32, torch.bfloat16))
+
+
 def usable(t: torch.Tensor) -> bool:
-    """Whether the kernels take tensor t: loaded, and t a CPU tensor of float32 or bfloat16."""
-    return available() and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+    """Whether the kernels take tensor t: loaded, and t a CPU tensor of float32 or bfloat16 (asked
+    a few hundred times a step, so it reads tensor attributes that build no objects)."""
+    return available() and t.is_cpu and t.dtype in _DTYPES
 
 
 def load() -> bool:
