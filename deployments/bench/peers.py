@@ -214,7 +214,7 @@ def sweep_server(base_url: str, name: str, label: str, tokenizer, work: Workload
 
 def run_peers(peers: list[str], dtypes: list[str], out_dir: Path, model: str | None = None,
               work: Workload = Workload(), say=print) -> list[dict]:
-    from model.sources import resolve_model
+    from model.sources import DEFAULT_MODEL, resolve_model
     from model.tokenizer import load_tokenizer
 
     cache = peers_dir()
@@ -222,7 +222,7 @@ def run_peers(peers: list[str], dtypes: list[str], out_dir: Path, model: str | N
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model(model)
     tokenizer = load_tokenizer(model_dir)
-    name = model_dir.name
+    name = DEFAULT_MODEL if model is None else model_dir.name
     results = []
     for dtype in dtypes:
         sweeps = []
@@ -245,7 +245,7 @@ def run_peers(peers: list[str], dtypes: list[str], out_dir: Path, model: str | N
             sweep.update(peer=peer, dtype=dtype, ready_s=ready_s, command=cmd)
             (out_dir / f"{peer}-{dtype}.json").write_text(json.dumps(sweep, indent=2))
             sweeps.append(sweep)
-        plots.plot(sweeps, out_dir / dtype, title_suffix=f", {name} {dtype}")
+        plots.plot(sweeps, out_dir / dtype, title_suffix=f" ({name}, {dtype})")
         results += sweeps
     (out_dir / "summary.md").write_text(summary_table(results, work))
     return results
