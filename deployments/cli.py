@@ -189,6 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if ctx.dashboard_url:
         print(f"  Ray dashboard: http://{ctx.dashboard_url}  (Serve tab: replicas and requests)")
     print("Ctrl-C stops it.", flush=True)
+    node_id = ctx.address_info["node_id"]
     try:
         while True:
             time.sleep(3600)
@@ -196,7 +197,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("shutting down", flush=True)
     finally:
         serve.shutdown()
+        if not args.address:
+            stop_haproxy(node_id)
     return 0
+
+
+def stop_haproxy(node_id: str) -> None:
+    """Stop the HAProxy that Serve ran on this node of a Ray that is going away. Serve stops it when
+    its manager shuts down in order; a Ctrl-C reaches Ray's own processes too and can end that
+    manager first, which leaves HAProxy holding its ports (8000, 8404, 9101) for the next start."""
+    import psutil
+
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "haproxy" and any(f"haproxy-serve/{node_id}/" in part for part in proc.info["cmdline"] or []):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
 
 
 def cmd_k8s_render(args: argparse.Namespace) -> int:

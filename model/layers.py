@@ -128,7 +128,26 @@ class OneDNNPackedLinear:
     def apply(self, layer: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
         if self.decode_weight is not None and ops.gemv_takes(x):
             return ops.gemv(x, self.decode_weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        rows = x.shape[0]
+        padded = step_rows(rows)
+        if padded != rows:  # zero rows up to the size class; their outputs are dropped
+            x = F.pad(x, (0, 0, 0, padded - rows))
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")[:rows]
+
+
+def step_rows(rows: int) -> int:
+    """The size class a matmul of `rows` rows runs as: exact up to 16, then rounded up to one of
+    eight sizes per doubling (18, 20, ..., 32, 36, 40, ..., 64, 72, ..., 512), so at most 1/8 of
+    it is padding; 56 classes up to 512 rows.
+
+    Why: oneDNN builds and caches a kernel for every distinct row count it sees, ~0.9 MB each for
+    SmolLM2's shapes; step sizes are as varied as prompt lengths, so unrounded they grow a worker's
+    memory by ~1.8 GB by the time it has seen every size up to 512, and churn the cache after.
+    """
+    if rows <= 16:
+        return rows
+    step = 1 << ((rows - 1).bit_length() - 4)  # an eighth of the power of two below rows
+    return -(-rows // step) * step
 
 
 class _Linear(nn.Module):

@@ -73,7 +73,7 @@ GEMV_MAX_ROWS = 2  # up to here the compiled GEMV streams weights faster than on
 
 def gemv_takes(x: Tensor) -> bool:
     """Whether a matmul of x (rows, in) runs in the compiled GEMV: a decode step of one or two tokens."""
-    return x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and fused(x)
+    return x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS and fused(x)
 
 
 def gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -8,15 +8,19 @@ import os
 
 import pytest
 
-from deployments.cli import LOCAL_SERVE_ENV
+from deployments.cli import LOCAL_SERVE_ENV, stop_haproxy
 from model import cpu_kernels
+from tests.ports import free_port
 from tests.tiny_models import make_tiny_gpt2, make_tiny_llama
 from tests.tiny_tokenizer import save_tiny_tokenizer
 
 # Serve as `shardserve serve` runs it (HAProxy in front of the replicas). Ray Serve reads these when
-# it is first imported, here in the test process as in every Ray process it starts.
+# it is first imported, here in the test process as in every Ray process it starts. HAProxy's own
+# stats and metrics ports move to free ones, so a `make serve` running beside the tests keeps its.
 for _name, _value in LOCAL_SERVE_ENV.items():
     os.environ.setdefault(_name, _value)
+os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
+os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
 
 
 def pytest_collection_modifyitems(items):
@@ -58,9 +62,10 @@ def ray_cluster():
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     # Logical CPUs beyond the 2 physical cores: gangs in tests ask for fractional CPUs per worker.
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    ctx = ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
+    stop_haproxy(ctx.address_info["node_id"])
 
 
 def _with_tokenizer(model_dir):

@@ -55,10 +55,10 @@ def test_packed_linear_runs_small_steps_in_the_gemv_and_larger_ones_in_onednn(co
     calls = []
     real = ops.gemv
     monkeypatch.setattr(ops, "gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    for rows in (1, 2, 3, 9):
+    for rows in (1, 2, 3, 9, 0):  # 0: a prefill chunk that samples nothing reaches the LM head with no rows
         x = torch.randn(rows, 64).to(dtype)
         torch.testing.assert_close(layer(x), (x.float() @ weight.float().t() + bias.float()).to(dtype), **TOLERANCE[dtype])
-    assert calls == [1, 2]  # up to ops.GEMV_MAX_ROWS rows
+    assert calls == [1, 2]  # 1 up to ops.GEMV_MAX_ROWS rows
     plain = ColumnParallelLinear(64, 48, False, SingleGroup(), dtype)
     plain.pack_weight()  # cpu_decode_kernel off: one copy of the weights, oneDNN for every step
     assert plain.method.decode_weight is None and not hasattr(plain, "weight")

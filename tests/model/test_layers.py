@@ -175,3 +175,14 @@ def test_loader_rejects_wrong_shape():
     layer = ColumnParallelLinear(8, 16, False, SingleGroup(), torch.float32)
     with pytest.raises(ValueError, match=r"shape \(16, 7\), expected \(16, 8\)"):
         layer.weight.weight_loader(layer.weight, Source(torch.zeros(16, 7)), None)
+
+
+def test_step_rows_are_few_size_classes_with_at_most_an_eighth_of_padding():
+    from model.layers import step_rows
+
+    assert [step_rows(r) for r in range(1, 17)] == list(range(1, 17))
+    classes = {step_rows(r) for r in range(1, 513)}
+    assert len(classes) == 56 and max(classes) == 512
+    for rows in range(17, 2049):
+        assert rows <= step_rows(rows) <= rows * 9 / 8
+        assert step_rows(step_rows(rows)) == step_rows(rows)
