@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+from deployments.bench.bandwidth import read_bandwidth_gbs  # noqa: E402
+
 SHAPES = {
     # name: LlamaConfig fields
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -56,25 +58,6 @@ def build_model(shape: str, dtype: torch.dtype, device: str, out: Path) -> Path:
     save_tiny_tokenizer(out, min(config.vocab_size, 320))  # requests are token ids; the engine wants one
     del model
     return out
-
-
-def read_bandwidth_gbs(device: str, gib: float = 1.0) -> float:
-    """Bytes per second of a streaming read (sum over a large tensor), best of 5."""
-    x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32, device=device)
-    x.sum()
-    best = float("inf")
-    for _ in range(5):
-        _sync(device)
-        t0 = time.perf_counter()
-        x.sum()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def engine(model_dir: Path, device: str, dtype: str, kv_gib: float):
@@ -135,7 +118,7 @@ def parity(device: str, dtype: torch.dtype, work: Path, new_tokens: int = 16) ->
 def speed(device: str, dtype: torch.dtype, shape: str, work: Path, deadline: float) -> dict:
     model_dir = build_model(shape, dtype, device, work / shape)
     weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))  # read once per decode step
-    bandwidth = read_bandwidth_gbs(device)
+    bandwidth = read_bandwidth_gbs(device, nbytes=1 << 30)
     eng = engine(model_dir, device, str(dtype).removeprefix("torch."), kv_gib=8.0 if device == "cuda" else 0.25)
     result = {"shape": shape, "weight_bytes": weight_bytes, "read_bandwidth_gbs": bandwidth}
     try:

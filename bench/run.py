@@ -36,6 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+from deployments.bench.bandwidth import read_bandwidth_gbs as measure_read_bandwidth  # noqa: E402
+
 CORES = os.cpu_count() or 1
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -69,19 +71,9 @@ QUICK = Settings(32, (Mix("short", (16, 64), (8, 16)),), 16, 16, 1, 2, 32)
 
 
 # -- measurements shared by both sides ------------------------------------------------------
-def read_bandwidth_gbs(repeats: int = 5) -> float:
-    """GB/s of a streaming read: sum over a 512 MB float32 tensor, best of `repeats`."""
+def read_bandwidth_gbs() -> float:
     torch.set_num_threads(CORES)
-    x = torch.ones(128 << 20, dtype=torch.float32)
-    x.sum()  # fault the pages in
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    nbytes = x.numel() * x.element_size()
-    del x
-    return nbytes / best / 1e9
+    return measure_read_bandwidth()
 
 
 def weight_bytes_per_token(model) -> int:

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     for name, r in (("in-process engine", ip), ("shardserve serve over HTTP", http)):
         print(f"| {args.dtype} | {name} | {r['itl_p50_ms']:.1f} | {r['itl_mean_ms']:.1f} | {r['ttft_1_token_p50_ms']:.1f} |")
     print(f"| | HTTP / in-process | {http['itl_p50_ms'] / ip['itl_p50_ms']:.2f}x | "
-          f"{http['itl_mean_ms'] / ip['itl_mean_ms']:.2f}x | +{http['ttft_1_token_p50_ms'] - ip['ttft_1_token_p50_ms']:.1f} ms |")
+          f"{http['itl_mean_ms'] / ip['itl_mean_ms']:.2f}x | {http['ttft_1_token_p50_ms'] - ip['ttft_1_token_p50_ms']:+.1f} ms |")
     if args.out_json:
         Path(args.out_json).write_text(json.dumps(results, indent=2))
     return 0

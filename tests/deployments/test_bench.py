@@ -73,3 +73,25 @@ def test_datasets_are_seeded_and_sized(tiny_llama_dir):
     assert len(datasets.chat(100)) == 100
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         datasets.load("fixed", 1)
+
+
+def test_weight_bytes_count_every_stored_tensor_once(tiny_llama_dir):
+    """The bytes a batch-1 decode step reads, as the peer comparison's bandwidth share uses them."""
+    from safetensors.torch import load_file
+
+    from deployments.bench.bandwidth import weight_bytes
+
+    numel = sum(t.numel() for f in tiny_llama_dir.glob("*.safetensors") for t in load_file(f).values())
+    assert weight_bytes(tiny_llama_dir, 4) == 4 * numel
+    assert weight_bytes(tiny_llama_dir, 2) == 2 * numel
+
+
+def test_peer_summary_gives_decode_speed_and_its_share_of_read_bandwidth():
+    from deployments.bench.peers import Workload, summary_table
+
+    run = {"output_throughput": 100.0, "ttft_ms": {"p50": 250.0}}
+    result = {"label": "x float32", "decode": {"tpot_ms": {"p50": 40.0}}, "runs": [run],
+              "weight_bytes": 500_000_000, "read_bandwidth_gbs": 25.0}  # fmt: skip
+    table = summary_table([result], Workload(concurrency=(8,)))
+    # 25 tok/s x 0.5 GB = 12.5 GB/s of 25 GB/s
+    assert "| x float32 | 25.0 (50%) | 100.0 (0.25) |" in table
