@@ -50,6 +50,12 @@ class EngineConfig(BaseModel):
         description="On CPU, keep each linear weight as loaded beside its oneDNN-packed copy, so decode steps of "
         "one or two tokens run in the compiled GEMV (1.2-1.9x faster); off saves that memory.",
     )
+    step_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="A step that takes longer than this and 10x the slowest recent step (scaled to its tokens) "
+        "means a worker is hung: the replica fails its requests and its health check, and is replaced.",
+    )
     cpus_per_worker: float | None = Field(
         None,
         gt=0,

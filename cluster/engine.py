@@ -17,8 +17,10 @@ import asyncio
 import logging
 import math
 import secrets
+import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -27,8 +29,9 @@ import torch
 from cluster.config import EngineConfig
 from cluster.local_gang import LocalGang
 from cluster.processing import InputProcessor, OutputStream
-from cluster.protocol import EngineDeadError, EngineStats, GenerateRequest, RequestOutput
+from cluster.protocol import EngineDeadError, EngineStats, GangError, GenerateRequest, RequestOutput
 from cluster.scheduler import Batch, Scheduler, Sequence
+from cluster.watchdog import StepDeadline
 from cluster.worker import StepInput
 from model.attention import kv_cache_shape
 from model.config import ModelSpec
@@ -75,6 +78,9 @@ class LLMEngine:
             )
         self.max_model_len = config.max_model_len or limit
         self.processor = InputProcessor(self.tokenizer, self.spec.vocab_size, self.max_model_len)
+        # Tokenizing runs here, off the event loop, so a long prompt does not stall other streams;
+        # one thread, so the tokenizer is never entered twice at once.
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
         if parallel.world_size == 1:  # the model in this process: no Ray actor, no call per step
             self.gang = LocalGang(config, str(self.model_dir))
@@ -97,7 +103,8 @@ class LLMEngine:
             eos_token_ids=frozenset(eos_token_ids),
         )
         self._requests: dict[str, _Request] = {}
-        self._in_flight: deque[tuple[Batch, asyncio.Future]] = deque()
+        self._in_flight: deque[tuple[Batch, asyncio.Future, float]] = deque()  # batch, result, submit time
+        self.step_deadline = StepDeadline(floor_s=config.step_timeout_s)
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.dead: BaseException | None = None
@@ -110,7 +117,10 @@ class LLMEngine:
         """
         if self.dead is not None:
             raise EngineDeadError(f"engine is dead: {self.dead}")
-        prompt_ids, params = self.processor.process(request)
+        loop = asyncio.get_running_loop()
+        prompt_ids, params = await loop.run_in_executor(self._tokenize_pool, self.processor.process, request)
+        if self.dead is not None:
+            raise EngineDeadError(f"engine is dead: {self.dead}")
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -165,6 +175,7 @@ class LLMEngine:
             except (asyncio.CancelledError, Exception):
                 pass
         self._fail_all(EngineDeadError("engine shut down"))
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self.gang.shutdown()
 
     # -- the step loop ------------------------------------------------------------
@@ -181,13 +192,23 @@ class LLMEngine:
                     if batch is None:
                         break
                     fut = asyncio.ensure_future(self.gang.execute(self._build_step(batch)))
-                    self._in_flight.append((batch, fut))
+                    self._in_flight.append((batch, fut, time.monotonic()))
                 if not self._in_flight:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                batch, fut = self._in_flight.popleft()
-                self._apply(batch, await fut)  # micro-batches come back in the order they went in
+                batch, fut, started = self._in_flight[0]  # micro-batches come back in the order they went in
+                tokens = batch.num_tokens
+                limit = self.step_deadline.timeout(tokens)
+                try:
+                    out = await asyncio.wait_for(asyncio.shield(fut), started + limit - time.monotonic())
+                except asyncio.TimeoutError:
+                    self.gang.broken = self.gang.broken or TimeoutError(f"no step result in {limit:.1f} s")
+                    raise GangError(f"a step of {tokens} tokens made no progress in {limit:.1f} s: "
+                                    "a worker is hung or stopped") from None  # fmt: skip
+                self._in_flight.popleft()
+                self.step_deadline.record(time.monotonic() - started, tokens)
+                self._apply(batch, out)
         except asyncio.CancelledError:
             raise
         except BaseException as e:
@@ -242,6 +263,6 @@ class LLMEngine:
             req.queue.put_nowait(error)
             self.scheduler.finish(req.seq, "abort")
         self._requests.clear()
-        for _, fut in self._in_flight:
+        for _, fut, _ in self._in_flight:
             fut.cancel()
         self._in_flight.clear()

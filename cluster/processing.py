@@ -15,6 +15,30 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self._max_token_bytes: int | None = None  # the longest token's text in UTF-8 bytes, found on first need
+
+    def _refuse_if_surely_too_long(self, prompt) -> None:
+        """Refuse text that cannot fit in the context however it tokenizes, without tokenizing it:
+        no token carries more than the vocabulary's longest text, so a prompt has at least
+        bytes / that many tokens. Tokenizing megabytes takes seconds; this takes microseconds."""
+        if isinstance(prompt, str):
+            nbytes = len(prompt.encode())
+        elif isinstance(prompt, list):
+            nbytes = sum(len(m.get("content", "").encode()) for m in prompt if isinstance(m, dict)
+                         and isinstance(m.get("content"), str))  # fmt: skip
+        else:
+            return
+        if nbytes <= self.max_model_len:  # every token carries at least one byte, so no bound can refuse it
+            return
+        if self._max_token_bytes is None:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            self._max_token_bytes = max(len(t.encode()) for t in texts)
+        min_tokens = -(-nbytes // self._max_token_bytes)
+        if min_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt is too long: its {nbytes} bytes make at least {min_tokens} tokens, "
+                f"over the context length {self.max_model_len}"
+            )
 
     def process(self, request: GenerateRequest) -> tuple[list[int], SamplingParams]:
         """The prompt's token ids and the params with max_tokens filled in; InvalidRequestError
@@ -24,6 +48,7 @@ class InputProcessor:
             if isinstance(prompt, list) and all(type(t) is int for t in prompt):
                 ids = list(prompt)  # token ids (an empty list is refused below)
             else:
+                self._refuse_if_surely_too_long(prompt)
                 ids = encode_prompt(self.tokenizer, prompt, raw=request.raw)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None

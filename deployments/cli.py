@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import types
@@ -27,7 +28,8 @@ DEMO_PROMPTS = [
 
 # Every EngineConfig field is a flag of both commands, and these AppConfig fields of `serve`; each
 # flag is named after its field (--max-num-seqs for max_num_seqs) and overrides the config file.
-SERVE_FIELDS = ("served_model_name", "num_replicas", "max_queued_requests", "routing", "api_key")
+SERVE_FIELDS = ("served_model_name", "num_replicas", "max_queued_requests", "routing", "api_key",
+                "max_request_body_bytes", "drain_timeout_s")
 SHORT_FLAGS = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}
 LISTENER_FLAGS = ("host", "port", "grpc_port")  # override the Serve config's http_options / grpc_options
 
@@ -152,6 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # `shardserve serve` starting Ray itself (a joined cluster keeps its own) runs Serve as the
 # manifests do (SERVE_ENV), and a replica stopping on one machine drains in 2 s rather than the
 # 30 s a cloud load balancer needs to forget it. Ray reads these when it is imported.
+APP_NAME = "shardserve"
 LOCAL_SERVE_ENV = {**SERVE_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
@@ -169,6 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.address:
         for name, value in LOCAL_SERVE_ENV.items():
             os.environ.setdefault(name, value)
+    import ray
     from ray import serve
 
     from deployments.app import build_app, grpc_options, served_name
@@ -176,30 +180,87 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config, listen = _app_config(args)
     if not args.address and config.cpus_per_worker is None:
         config = config.model_copy(update={"cpus_per_worker": local_cpus_per_worker(config, os.cpu_count() or 1)})
-    ctx = _start_ray(args.address, dashboard=True)
-    serve.start(http_options={"host": listen.host, "port": listen.port}, grpc_options=grpc_options(listen))
-    serve.run(build_app(config), name="shardserve", route_prefix="/")
-    url = f"http://{listen.host}:{listen.port}"
-    auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
-    print(f"shardserve is up at {url}/v1 serving model {served_name(config)!r}", flush=True)
-    if listen.grpc_port is not None:
-        print(f"  gRPC: {listen.host}:{listen.grpc_port} (deployments/proto/shardserve.proto)")
-    print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
-          f"-d '{{\"model\": \"{served_name(config)}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")  # fmt: skip
-    if ctx.dashboard_url:
-        print(f"  Ray dashboard: http://{ctx.dashboard_url}  (Serve tab: replicas and requests)")
-    print("Ctrl-C stops it.", flush=True)
-    node_id = ctx.address_info["node_id"]
+    stop = _StopSignals()  # from here on, a signal stops what was started, in order
+    ctx = None
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("shutting down", flush=True)
+        ctx = _start_ray(args.address, dashboard=True)
+        stop.take_back()
+        serve.start(http_options={"host": listen.host, "port": listen.port}, grpc_options=grpc_options(listen))
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        url = f"http://{listen.host}:{listen.port}"
+        auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
+        print(f"shardserve is up at {url}/v1 serving model {served_name(config)!r}", flush=True)
+        if listen.grpc_port is not None:
+            print(f"  gRPC: {listen.host}:{listen.grpc_port} (deployments/proto/shardserve.proto)")
+        print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+              f"-d '{{\"model\": \"{served_name(config)}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")  # fmt: skip
+        if ctx.dashboard_url:
+            print(f"  Ray dashboard: http://{ctx.dashboard_url}  (Serve tab: replicas and requests)")
+        print("Ctrl-C or SIGTERM stops it: requests in flight finish first; a second one stops at once.", flush=True)
+        stop.wait()
+        _drain(config.drain_timeout_s, stop)
+        if not stop.hurry:
+            serve.shutdown()
+    except KeyboardInterrupt:  # a second signal: stop at once
+        pass
     finally:
-        serve.shutdown()
-        if not args.address:
-            stop_haproxy(node_id)
+        stop.restore()
+        if ctx is not None and not args.address:
+            ray.shutdown()  # the Ray this command started, and every process of its session
+            stop_haproxy(ctx.address_info["node_id"])
+    print("stopped", flush=True)
     return 0
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM (what Kubernetes, systemd and Docker send): the first asks for a graceful
+    stop, the second for an immediate one."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.count = 0
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+
+    def take_back(self) -> None:
+        """Handle the signals again: starting Ray installs its own SIGTERM handler, which exits at once."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt  # breaks out of a blocking shutdown call
+
+    @property
+    def hurry(self) -> bool:
+        return self.count > 1
+
+    def wait(self) -> None:
+        while self.count == 0:
+            time.sleep(0.2)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _drain(timeout_s: float, stop: _StopSignals, app: str = APP_NAME) -> None:
+    """Replicas refuse new requests from now on; wait until those in flight are done, or the timeout."""
+    from deployments import drain
+
+    drain.request_drain(app)
+    time.sleep(2 * drain.DRAIN_POLL_S)  # every replica has seen the flag and said what it holds
+    deadline = time.monotonic() + timeout_s
+    held = drain.in_flight(app)
+    if held:
+        print(f"stopping: waiting up to {timeout_s:.0f} s for {held} requests in flight", flush=True)
+    while held and time.monotonic() < deadline and not stop.hurry:
+        time.sleep(0.2)
+        held = drain.in_flight(app)
+    if held:
+        print(f"stopping with {held} requests still in flight", flush=True)
+    drain.clear(app)
 
 
 def stop_haproxy(node_id: str) -> None:

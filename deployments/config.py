@@ -77,6 +77,15 @@ class AppConfig(EngineConfig):
         "it is much busier; or plain power of two choices.",
     )
     api_key: str | None = Field(None, description="When set, requests must send `Authorization: Bearer <key>`.")
+    max_request_body_bytes: int = Field(
+        4 << 20, ge=1024, description="Largest request body accepted; a larger one gets 413 before it is parsed."
+    )
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a stopping server lets requests in flight finish: shardserve serve after SIGTERM or "
+        "SIGINT, and each replica Serve takes down (its graceful_shutdown_timeout_s).",
+    )
 
     @model_validator(mode="after")
     def _replicas(self) -> "AppConfig":

@@ -15,33 +15,91 @@ load the Router balances on (``record_routing_stats``).
 # No `from __future__ import annotations`: see deployments/router.py.
 
 import asyncio
+import dataclasses
 import json
+import logging
 import time
 import uuid
 from typing import AsyncIterator
 
 import grpc
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.util import get_current_placement_group
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.engine import LLMEngine
 from cluster.protocol import EngineDeadError, GenerateRequest, InvalidRequestError, RequestOutput
+from deployments import drain
+from deployments.admission import Admission
 from deployments.autoscaling import engine_utilization
 from deployments.config import AppConfig, AutoscalingConfig
 from deployments.grpc_protocol import GRPC_STATUS, grpc_request_body, grpc_response
 from deployments.metrics import ReplicaMetrics, RequestTimer, RouterMetrics
 from deployments.openai_protocol import (ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape,
-                                         chat_request, completion_request, error_response, validate)
+                                         chat_request, completion_request, error_body, error_response, read_json,
+                                         validate)
 from deployments.placement import replica_actor_options, replica_bundles, replica_engine_config
 from deployments.proto import shardserve_pb2 as pb
 from deployments.protocol import RequestError
 
 METRICS_PERIOD_S = 2.0  # how often engine gauges are refreshed
 ROUTING_STATS_PERIOD_S = 0.5  # how often the Router learns each replica's load
+# Serve replaces a replica after 3 failed health checks in a row: a broken gang is replaced ~6 s
+# after it broke (a health check is a ping to each worker).
+HEALTH_CHECK_PERIOD_S = 2.0
 
+log = logging.getLogger("shardserve")
 api = FastAPI(title="shardserve", description="OpenAI-compatible API of a sharded LLM on Ray")
+
+
+def _openapi() -> dict:
+    """The generated schema plus the request bodies, which the routes read themselves (to bound and
+    check the raw body first), so FastAPI cannot see them."""
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
+
+
+# Every error the app answers has the OpenAI body, the framework's own included: an unknown path
+# (404), a wrong method (405), an undecodable body.
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException):
+    if e.status_code == 404:
+        message = f"no route {request.method} {request.url.path}; see /v1/models, /v1/completions, /v1/chat/completions"
+    elif e.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(e.detail)
+    kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(message, kind), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError):
+    return error_response(RequestError.invalid(f"invalid request: {e.errors()[0].get('msg', 'bad value')}"))
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, e: Exception):
+    # The detail (a traceback, actor ids, addresses) goes to the replica's log; the client gets the id to quote.
+    rid = uuid.uuid4().hex
+    log.error("request %s (%s %s) failed", rid, request.method, request.url.path, exc_info=e)
+    return error_response(RequestError(500, f"internal error (request id {rid})", type_="internal_error"))
 
 
 @serve.ingress(api)
@@ -49,24 +107,40 @@ class LLMServer:
     def __init__(self, config: AppConfig, model_name: str):
         self.engine = LLMEngine(replica_engine_config(config), pg=get_current_placement_group(), bundle_offset=1)
         self.max_num_seqs = config.max_num_seqs
-        self.max_queued_requests = config.max_queued_requests
+        self.admission = Admission(config.max_num_seqs, config.max_queued_requests)
+        self.max_body_bytes = config.max_request_body_bytes
         self.model_name = model_name
         self.api_key = config.api_key
         self.created = int(time.time())
-        self.replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.app_name, self.replica = context.app_name, context.replica_id.unique_id
         self.metrics = ReplicaMetrics(model_name, self.replica)
         self.requests = RouterMetrics(model_name)
-        self._report_task: asyncio.Task | None = None
+        self.in_flight = 0  # requests between their start and their last delta (or their failure)
+        self.draining = False  # shardserve serve is stopping: finish what is here, take nothing new
+        self._tasks: list[asyncio.Task] = []
 
-    # -- engine state, for metrics, autoscaling and routing --------------------------------
+    # -- engine state, for metrics, autoscaling and routing; the drain flag ----------------
     def _ensure_reporting(self) -> None:
-        if self._report_task is None or self._report_task.done():
-            self._report_task = asyncio.get_running_loop().create_task(self._report())
+        if not self._tasks or any(t.done() for t in self._tasks):
+            for t in self._tasks:
+                t.cancel()
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._report_metrics()), loop.create_task(self._watch_drain())]
 
-    async def _report(self) -> None:
+    async def _report_metrics(self) -> None:
         while True:
             self.metrics.engine(self.engine.stats(), self.max_num_seqs)
             await asyncio.sleep(METRICS_PERIOD_S)
+
+    async def _watch_drain(self) -> None:
+        while True:  # the key-value store is a round trip to the GCS: off the event loop
+            if not self.draining and await asyncio.to_thread(drain.drain_requested, self.app_name):
+                self.draining = True
+                log.info("replica %s is draining: %d requests in flight", self.replica, self.in_flight)
+            if self.draining:
+                await asyncio.to_thread(drain.report_in_flight, self.app_name, self.replica, self.in_flight)
+            await asyncio.sleep(drain.DRAIN_POLL_S)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {"engine_utilization": engine_utilization(self.engine.stats(), self.max_num_seqs)}
@@ -80,9 +154,18 @@ class LLMServer:
         await self.engine.check_health()  # raises when the gang is broken, so Serve replaces us
 
     async def __del__(self):
-        if self._report_task is not None:
-            self._report_task.cancel()
+        for t in self._tasks:
+            t.cancel()
         await self.engine.shutdown()
+
+    def _unavailable_reason(self) -> RequestError | None:
+        """Why this replica would not serve a request now, or None."""
+        if self.draining:
+            return RequestError.unavailable("server is shutting down", retry_after=1, code="draining")
+        if self.engine.dead is not None:
+            return RequestError.unavailable("model is unavailable: its engine failed; retry", retry_after=1,
+                                            code="engine_failed")  # fmt: skip
+        return None
 
     # -- checks and the start of a request, shared by HTTP and gRPC -------------------------
     def _authorize(self, authorization: str | None) -> None:
@@ -102,19 +185,28 @@ class LLMServer:
     async def _start(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         """The request's deltas, once the first is there: what cannot run is refused before any is sent."""
         self._ensure_reporting()
-        if 0 <= self.max_queued_requests <= self.engine.stats().waiting:
-            raise RequestError(429, "server is busy, retry later", type_="rate_limit_error", code="queue_full")
+        refusal = self._unavailable_reason()
+        if refusal is not None:
+            raise refusal
+        stats = self.engine.stats()
+        if not self.admission.admits(stats.running, stats.waiting):
+            raise RequestError(429, "server is busy, retry later", type_="rate_limit_error", code="queue_full",
+                               retry_after=self.admission.retry_after(stats.running, stats.waiting))  # fmt: skip
         timer = RequestTimer(self.metrics, time.monotonic())
+        self.in_flight += 1
         stream = self.engine.generate(request)
         try:
             first = await stream.__anext__()
-        except InvalidRequestError as e:
-            raise RequestError.invalid(str(e), code="invalid_request") from None
-        except EngineDeadError as e:
-            raise RequestError.unavailable(f"model is unavailable: {e}") from None
-        except BaseException:  # cancelled while waiting: the engine drops the request
+        except BaseException as e:
+            self._done()
             await stream.aclose()
-            raise
+            if isinstance(e, InvalidRequestError):
+                raise RequestError.invalid(str(e), code="invalid_request") from None
+            if isinstance(e, EngineDeadError):
+                log.error("request %s: engine unavailable: %s", request.request_id, e)
+                raise self._unavailable_reason() or RequestError.unavailable("model is unavailable; retry",
+                                                                             retry_after=1) from None  # fmt: skip
+            raise  # cancelled while waiting: the engine drops the request
 
         async def outputs() -> AsyncIterator[RequestOutput]:
             item = first
@@ -127,10 +219,15 @@ class LLMServer:
                     if item.finished:
                         return
                     item = await stream.__anext__()
-            finally:  # the client went away, or the stream ended: either way the engine lets go of it
+            finally:  # the client went away, the stream ended or failed: the engine lets go of it
+                self._done()
                 await stream.aclose()
 
         return outputs()
+
+    def _done(self) -> None:
+        self.in_flight -= 1
+        self.admission.finished()
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "shardserve"}
@@ -139,46 +236,69 @@ class LLMServer:
     async def _http_request(self, request: Request, model_cls):
         """The validated request body; raises RequestError to refuse it."""
         self._authorize(request.headers.get("authorization"))
-        try:
-            body = await request.json()
-        except json.JSONDecodeError as e:
-            raise RequestError.invalid(f"request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise RequestError.invalid("request body must be a JSON object")
+        body = await read_json(request, self.max_body_bytes)
         self._check_model(body.get("model"))
         return validate(body, model_cls)
 
     async def _respond(self, request: Request, model_cls, to_request, shape):
         route = request.url.path
+        rid = uuid.uuid4().hex
+        headers = {"x-request-id": rid, "x-shardserve-replica": self.replica}  # the replica, for debugging
         try:
             req = await self._http_request(request, model_cls)
-            outputs = await self._start(to_request(req))
+            outputs = await self._start(dataclasses.replace(to_request(req), request_id=rid))
         except RequestError as e:
             self.requests.request(route, e.status)
-            return error_response(e)
+            response = error_response(e)
+            response.headers.update(headers)
+            return response
         self.requests.request(route, 200)
-        rid = uuid.uuid4().hex
-        headers = {"x-shardserve-replica": self.replica}  # which replica served it, for debugging
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
                 self._sse(outputs, shape, rid, include_usage), media_type="text/event-stream", headers=headers
             )
-        items = [item async for item in outputs]
+        try:
+            items = [item async for item in outputs]
+        except EngineDeadError as e:
+            log.error("request %s: engine failed mid-request: %s", rid, e)
+            return error_response(self._failed_mid_request(rid))
         return JSONResponse(shape.full(items, rid, self.model_name, self.created), headers=headers)
+
+    @staticmethod
+    def _failed_mid_request(rid: str) -> RequestError:
+        return RequestError.unavailable(f"the model failed while answering (request id {rid}); retry",
+                                        retry_after=1, code="engine_failed")  # fmt: skip
 
     async def _sse(self, outputs: AsyncIterator[RequestOutput], shape, rid: str, include_usage: bool) -> AsyncIterator[str]:
         last = None
-        async for item in outputs:
-            yield f"data: {json.dumps(shape.chunk(item, rid, self.model_name, self.created, first=last is None))}\n\n"
-            last = item
+        try:
+            async for item in outputs:
+                yield f"data: {json.dumps(shape.chunk(item, rid, self.model_name, self.created, first=last is None))}\n\n"
+                last = item
+        except EngineDeadError as e:  # never a silently cut stream: an error event, then the end
+            log.error("request %s: engine failed mid-stream: %s", rid, e)
+            err = self._failed_mid_request(rid)
+            yield f"data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         if include_usage:
             yield f"data: {json.dumps(shape.usage_chunk(last, rid, self.model_name, self.created))}\n\n"
         yield "data: [DONE]\n\n"
 
     @api.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
+    async def health(self):
+        """200 when this replica would serve a request; 503 with the reason when it would not."""
+        refusal = self._unavailable_reason()
+        if refusal is None:
+            try:
+                await self.engine.check_health()
+            except Exception as e:
+                log.error("health check failed: %s", e)
+                refusal = RequestError.unavailable("model is unavailable: its engine failed", code="engine_failed")
+        if refusal is not None:
+            return error_response(refusal)
+        return {"status": "serving"}
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -199,13 +319,14 @@ class LLMServer:
         return await self._respond(request, CompletionRequest, completion_request, CompletionShape)
 
     # -- gRPC (method names are the RPC names in deployments/proto/shardserve.proto) ---------
-    async def _grpc_start(self, request: pb.GenerateRequest, grpc_context, route: str) -> AsyncIterator[RequestOutput]:
+    async def _grpc_start(self, request: pb.GenerateRequest, grpc_context, route: str, rid: str) -> AsyncIterator[RequestOutput]:
         try:
             self._authorize(dict(grpc_context.invocation_metadata()).get("authorization"))
             body, model_cls = grpc_request_body(request, self.model_name)
             self._check_model(body["model"])
             req = validate(body, model_cls)
-            outputs = await self._start(chat_request(req) if model_cls is ChatCompletionRequest else completion_request(req))
+            generate = chat_request(req) if model_cls is ChatCompletionRequest else completion_request(req)
+            outputs = await self._start(dataclasses.replace(generate, request_id=rid))
         except RequestError as e:
             self._grpc_refuse(grpc_context, e, route)
             raise
@@ -218,19 +339,31 @@ class LLMServer:
         self.requests.request(route, GRPC_STATUS[e.status].name)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        rid = uuid.uuid4().hex
         try:
-            outputs = await self._grpc_start(request, grpc_context, "Generate")
-        except RequestError:
+            outputs = await self._grpc_start(request, grpc_context, "Generate", rid)
+            try:
+                items = [item async for item in outputs]
+            except EngineDeadError as e:
+                log.error("request %s: engine failed mid-request: %s", rid, e)
+                raise self._failed_mid_request(rid) from None
+        except RequestError as e:
+            self._grpc_refuse(grpc_context, e, "Generate")
             return pb.GenerateResponse()
-        items = [item async for item in outputs]
-        return grpc_response(items, uuid.uuid4().hex, self.model_name)
+        return grpc_response(items, rid, self.model_name)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
         # With no message sent, Serve only reports a code that comes with an exception, so a refusal propagates.
-        outputs = await self._grpc_start(request, grpc_context, "GenerateStream")
         rid = uuid.uuid4().hex
-        async for item in outputs:
-            yield grpc_response([item], rid, self.model_name)
+        outputs = await self._grpc_start(request, grpc_context, "GenerateStream", rid)
+        try:
+            async for item in outputs:
+                yield grpc_response([item], rid, self.model_name)
+        except EngineDeadError as e:  # the stream ends with UNAVAILABLE, not as if it were complete
+            log.error("request %s: engine failed mid-stream: %s", rid, e)
+            err = self._failed_mid_request(rid)
+            self._grpc_refuse(grpc_context, err, "GenerateStream")
+            raise err from None
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
         try:
@@ -243,6 +376,11 @@ class LLMServer:
         return pb.ListModelsResponse(models=[pb.ModelCard(id=card["id"], created=card["created"], owned_by=card["owned_by"])])
 
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
+        refusal = self._unavailable_reason()
+        if refusal is not None:
+            grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
+            grpc_context.set_details(refusal.message)
+            return pb.HealthResponse(status=refusal.code or "unavailable")
         return pb.HealthResponse(status="ok")
 
 
@@ -264,15 +402,24 @@ def serve_autoscaling_config(a: AutoscalingConfig) -> dict:
     return out
 
 
+def max_ongoing_requests(config: AppConfig) -> int:
+    """What Serve lets a replica hold: its batch, its queue and one more, so that the replica sees, and
+    refuses with an OpenAI 429 and a Retry-After, the request past its queue (Serve's own refusal has
+    neither). No queue limit: a second batch's worth waits in the replica."""
+    if config.max_queued_requests < 0:
+        return config.max_num_seqs * 2
+    return config.max_num_seqs + config.max_queued_requests + 1
+
+
 def llm_server_deployment(config: AppConfig):
     options = dict(
         name="LLMServer",
         placement_group_bundles=replica_bundles(config),
         placement_group_strategy=config.parallel.placement_strategy,
         ray_actor_options=replica_actor_options(config),
-        max_ongoing_requests=config.max_num_seqs * 2,
-        max_queued_requests=config.max_queued_requests,
-        health_check_period_s=10,
+        max_ongoing_requests=max_ongoing_requests(config),
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        graceful_shutdown_timeout_s=config.drain_timeout_s,
     )
     if config.routing == "prefix_affinity":
         options["request_router_config"] = {

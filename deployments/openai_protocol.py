@@ -3,8 +3,10 @@ response bodies and stream chunks a run of RequestOutput deltas becomes, and the
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -51,12 +53,48 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(None, ge=0, le=5)
 
 
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def error_response(e: RequestError) -> JSONResponse:
-    body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-    return JSONResponse(body, status_code=e.status)
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=headers)
 
 
 # -- requests ---------------------------------------------------------------------------------------
+async def read_json(request: Request, max_bytes: int) -> dict:
+    """The body as a JSON object, read no further than `max_bytes`: 413 past it, 400 for a body
+    that is not UTF-8, not JSON, nested deeper than the parser goes, or not an object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    try:
+        text = b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError.invalid(f"request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError.invalid(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError.invalid("request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise RequestError.invalid("request body must be a JSON object")
+    return body
+
+
+def _too_large(max_bytes: int) -> RequestError:
+    return RequestError(413, f"request body is larger than the limit of {max_bytes} bytes (max_request_body_bytes)",
+                        type_="invalid_request_error", code="request_too_large")  # fmt: skip
+
+
 def validate(body: dict, model_cls):
     try:
         return model_cls.model_validate(body)

@@ -27,8 +27,10 @@ def routing_request(body: bytes) -> RoutingRequest | None:
     """The prompt of an OpenAI request body (chat messages or a completion prompt), or None."""
     try:
         data = json.loads(body)
-    except (ValueError, TypeError):
-        return None  # HAProxy may send a truncated body: route it on load alone
+    except (ValueError, TypeError, RecursionError):
+        # Truncated by HAProxy, not JSON, nested too deep: route it on load alone; the replica
+        # answers what is wrong with it.
+        return None
     if not isinstance(data, dict):
         return None
     prompt = data.get("messages") or data.get("prompt")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -160,3 +162,71 @@ def test_num_replicas_flag_replaces_the_files_autoscaling(tmp_path):
     path.write_text(SERVE_FILE)
     config, _ = parse("serve", "--config", str(path), "--num-replicas", "2")
     assert config.num_replicas == 2 and config.autoscaling is None
+
+
+@pytest.mark.ray  # `shardserve serve` starts its own Ray
+def test_serve_stops_gracefully_on_sigterm(tiny_llama_dir):
+    """SIGTERM while streams are in flight: they finish whole, then the command exits 0 and no
+    process of the Ray session it started is left."""
+    import asyncio
+    import signal
+
+    import httpx
+    import psutil
+
+    from tests.ports import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deployments.cli", "serve", "--model", str(tiny_llama_dir), "--host", "127.0.0.1",
+         "--port", str(port), "--grpc-port", str(free_port()), "--served-model-name", "tiny",
+         "--cpus-per-worker", "0.5", "--drain-timeout-s", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # its own HAProxy's stats and metrics ports: the tests' Ray runs one too
+        env={**os.environ, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())},
+    )  # fmt: skip
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "shardserve is up" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        session = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+        async def streams() -> list[list[str]]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                flowing = asyncio.Event()
+
+                async def one() -> list[str]:
+                    url = f"http://127.0.0.1:{port}/v1/completions"
+                    async with client.stream("POST", url, json=body) as r:
+                        assert r.status_code == 200
+                        data = []
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: "):
+                                data.append(line[6:])
+                                flowing.set()
+                        return data
+
+                tasks = [asyncio.ensure_future(one()) for _ in range(3)]
+                await asyncio.wait_for(flowing.wait(), 60)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        for data in asyncio.run(streams()):
+            assert data[-1] == "[DONE]"
+            chunks = [json.loads(d) for d in data[:-1]]
+            assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+            assert chunks[-1]["usage"]["completion_tokens"] == 1000
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, "".join(lines) + out
+        time.sleep(2)
+        assert [pid for pid in session if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

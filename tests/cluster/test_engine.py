@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from cluster.engine import EngineDeadError
+from cluster.protocol import GenerateRequest
 from model.sampling import SamplingParams
 from tests.cluster.test_engine_parity import tiny_engine
 from tests.reference import close, collect, greedy, run_all
@@ -118,4 +119,52 @@ def test_dead_worker_fails_requests_instead_of_hanging(ray_cluster, tiny_llama_d
         with pytest.raises(EngineDeadError):
             run_all(eng, [TARGET], greedy(2))
     finally:
+        close(eng)
+
+
+def test_prompts_are_tokenized_off_the_event_loop(engine, monkeypatch):
+    """A long prompt's tokenizing must not stall the loop that streams every other request's tokens."""
+    import threading
+
+    threads = []
+    encode = engine.tokenizer.encode
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda *a, **k: threads.append(threading.current_thread()) or encode(*a, **k))
+
+    async def main():
+        out = [o async for o in engine.generate(GenerateRequest("some text", greedy(2), raw=True))]
+        return out, threading.current_thread()
+
+    out, loop_thread = asyncio.run(main())
+    assert out[-1].finished
+    assert threads and all(t is not loop_thread for t in threads)
+
+
+def test_a_stopped_worker_is_detected_within_the_step_bound(ray_cluster, tiny_llama_dir):
+    """SIGSTOP one rank of a TP gang mid-generation: the step deadline declares the gang broken, the
+    streams fail instead of waiting forever, and the health check fails so the replica is replaced."""
+    import os
+    import signal
+    import time
+
+    eng = tiny_engine(tiny_llama_dir, 2, 1, step_timeout_s=1.0)
+    pid = ray_cluster.get(eng.gang.workers[1].__ray_call__.remote(lambda self: os.getpid()))
+    try:
+
+        async def main():
+            tasks = [asyncio.ensure_future(collect(eng, TARGET, greedy(400))) for _ in range(2)]
+            await asyncio.sleep(0.5)
+            os.kill(pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+            return results, time.monotonic() - stopped
+
+        results, detected_after = asyncio.run(main())
+        assert all(isinstance(r, EngineDeadError) for r in results), results
+        assert "no progress" in str(results[0])
+        # The bound: max(step_timeout_s, 10x the slowest recent step); tiny steps take milliseconds.
+        assert detected_after < eng.step_deadline.timeout(1) + 5
+        with pytest.raises(EngineDeadError):
+            asyncio.run(eng.check_health())
+    finally:
+        os.kill(pid, signal.SIGCONT)
         close(eng)

@@ -225,3 +225,17 @@ def test_outputs_count_completion_tokens_and_carry_the_request(tok):
     assert [o.token_ids for o in outs] == [[t] for t in ids]
     assert {(o.request_id, o.prompt_tokens) for o in outs} == {("req-7", len(prompt))}
     assert stream.completion_tokens == len(ids)
+
+
+def test_text_too_long_for_any_tokenization_is_refused_without_tokenizing(proc, tok, monkeypatch):
+    """Megabytes of text take seconds to tokenize: a bound from the longest token's bytes refuses them first."""
+    calls = []
+    monkeypatch.setattr(tok, "encode", lambda *a, **k: calls.append(1) or [1])
+    longest = max(len(t.encode()) for t in tok.batch_decode([[i] for i in range(len(tok))]))
+    with pytest.raises(InvalidRequestError, match="too long"):
+        proc.process(req("x" * (longest * CONTEXT + 1), raw=True))
+    with pytest.raises(InvalidRequestError, match="too long"):
+        proc.process(req([{"role": "user", "content": "y" * (longest * CONTEXT + 1)}]))
+    assert calls == []
+    proc.process(req("x" * CONTEXT, raw=True, max_tokens=1))  # within the bound: tokenized as usual
+    assert calls == [1]

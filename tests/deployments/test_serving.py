@@ -87,8 +87,69 @@ def test_errors_have_openai_bodies_and_the_server_keeps_serving(base_url, client
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].finish_reason
 
 
+DEEP = "[" * 10_000 + "]" * 10_000
+RAW_BAD_INPUTS = [
+    # (method, path, raw body, status, error type): bodies no JSON library would send, and framework errors
+    ("POST", "/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+     400, "invalid_request_error"),
+    ("POST", "/v1/completions", DEEP.encode(), 400, "invalid_request_error"),
+    ("POST", "/v1/completions", ('{"model": "tiny", "prompt": "hi", "extra": ' + DEEP + "}").encode(),
+     400, "invalid_request_error"),
+    ("POST", "/v1/completions", b"[1, 2]", 400, "invalid_request_error"),
+    ("POST", "/v1/completions", b'{"model": "tiny", "prompt": ', 400, "invalid_request_error"),
+    ("POST", "/v1/completions", b'{"model": "tiny", "prompt": "' + b"a" * (5 << 20) + b'"}',
+     413, "invalid_request_error"),
+    ("POST", "/v1/no-such-route", b"{}", 404, "not_found"),
+    ("GET", "/v1/chat/completions", b"", 405, "invalid_request_error"),
+    ("DELETE", "/v1/models", b"", 405, "invalid_request_error"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method,path,raw,status,kind", RAW_BAD_INPUTS,
+                         ids=["invalid-utf8", "deep-top", "deep-field", "not-object", "truncated", "too-large",
+                              "unknown-path", "wrong-method", "wrong-method-models"])  # fmt: skip
+def test_bad_bodies_and_framework_errors_get_openai_bodies(base_url, client, reference_text, method, path, raw,
+                                                           status, kind):  # fmt: skip
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    r = httpx.request(method, base_url + path, content=raw, headers=headers, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] == kind
+    assert "detail" not in r.json()
+    # and the server still gives the same greedy answer
+    assert client.completions.create(model="tiny", prompt=PROMPT, **GREEDY).choices[0].text == reference_text
+
+
+def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(base_url):
+    body = {"model": "tiny", "prompt": "word " * 600_000, "max_tokens": 1}  # 3 MB: under the body limit
+    r = httpx.post(base_url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert r.status_code == 400
+    assert "too long" in r.json()["error"]["message"]
+
+
+def test_error_bodies_carry_no_internals_and_name_the_request(base_url):
+    r = httpx.post(base_url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 100000},
+                   headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+    assert r.status_code == 400 and r.headers["x-request-id"]
+    for leak in ("\x1b[", "Actor", "pid=", "Traceback", "/work", "ray."):
+        assert leak not in r.text
+
+
+def test_health_says_serving(base_url):
+    r = httpx.get(base_url + "/health")
+    assert r.status_code == 200 and r.json() == {"status": "serving"}
+
+
 def test_missing_or_wrong_api_key_is_401(base_url):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         r = httpx.post(base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, headers=headers)
         assert r.status_code == 401
         assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_openapi_describes_the_request_bodies(base_url):
+    schema = httpx.get(base_url + "/openapi.json").json()
+    for path, required in (("/v1/chat/completions", "messages"), ("/v1/completions", "prompt")):
+        ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        body = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        assert required in body["required"] and "max_tokens" in body["properties"]
