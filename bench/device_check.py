@@ -65,6 +65,7 @@ def engine(model_dir: Path, device: str, dtype: str, kv_gib: float):
     from cluster.engine import LLMEngine
 
     return LLMEngine(EngineConfig(model=str(model_dir), device=device, dtype=dtype, kv_cache_memory_gib=kv_gib,
+                                  worker_process="in_process",
                                   max_num_seqs=128, max_num_batched_tokens=4096 if device == "cuda" else 512))  # fmt: skip
 
 

@@ -50,7 +50,8 @@ async def soak(path: Path, warmup: int, requests: int) -> dict:
     from cluster.protocol import GenerateRequest
     from model.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=str(path), max_model_len=2048, num_kv_blocks=1024))
+    engine = LLMEngine(EngineConfig(model=str(path), max_model_len=2048, num_kv_blocks=1024,
+                                    worker_process="in_process"))  # this process's RSS is the worker's
     rng = random.Random(0)
     params = SamplingParams(max_tokens=1, temperature=0.0)
 

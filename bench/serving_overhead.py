@@ -4,7 +4,7 @@ One run, side by side on this machine, the bundled SmolLM2-135M-Instruct, greedy
   - batch-1 decode: a chat prompt, 128 new tokens; inter-token latency (p50 of the gaps between
     tokens) and its mean, best of --repeats;
   - time to first token of a 1-token request (p50 of --ttft-requests): the whole round trip.
-In-process, the engine (its worker in the same process, the threads `shardserve serve` would give
+In-process, the engine (its worker a Ray actor with the threads `shardserve serve` would give
 it) runs alone; then it is shut down and `shardserve serve` starts with the same engine settings,
 and the same requests go over HTTP with the streaming client of `shardserve bench`.
 

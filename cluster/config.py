@@ -56,6 +56,21 @@ class EngineConfig(BaseModel):
         description="A step that takes longer than this and 10x the slowest recent step (scaled to its tokens) "
         "means a worker is hung: the replica fails its requests and its health check, and is replaced.",
     )
+    worker_process: Literal["separate", "in_process"] = Field(
+        "separate",
+        description="separate: each worker is a Ray actor of its own, so a crash or hang of it is survived by "
+        "resuming its requests on a new one; in_process (tp = pp = 1 only): the worker runs in the engine's "
+        "process, with no Ray at all (a machine without Ray, a profile of one process).",
+    )
+    max_migrations: int = Field(
+        2,
+        ge=0,
+        description="Times a request may be resumed on a new gang after a worker of its gang dies or hangs "
+        "(recomputed from its prompt and the tokens already sent); past that, or at 0, it fails with an error.",
+    )
+    recovery_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds a new gang may take to start and load; past that the replica fails."
+    )
     cpus_per_worker: float | None = Field(
         None,
         gt=0,
@@ -66,7 +81,13 @@ class EngineConfig(BaseModel):
     @model_validator(mode="after")
     def _layout(self) -> "EngineConfig":
         _ = self.parallel  # built for its checks: a layer_split that does not fit pipeline_parallel_size
+        if self.worker_process == "in_process" and self.parallel.world_size > 1:
+            raise ValueError("worker_process in_process runs one worker: it needs tp = pp = 1")
         return self
+
+    @property
+    def worker_in_process(self) -> bool:
+        return self.worker_process == "in_process"
 
     @property
     def parallel(self) -> ParallelConfig:

@@ -48,6 +48,7 @@ class _Request:
     seq: Sequence
     stream: OutputStream
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    migrations: int = 0  # gangs this request has lived through the failure of
 
 
 def num_kv_blocks_for(config: EngineConfig, spec: ModelSpec) -> int:
@@ -82,13 +83,14 @@ class LLMEngine:
         # one thread, so the tokenizer is never entered twice at once.
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
 
-        if parallel.world_size == 1:  # the model in this process: no Ray actor, no call per step
+        if config.worker_in_process:  # the model in this process, no Ray
             self.gang = LocalGang(config, str(self.model_dir))
         else:
-            from cluster.gang import Gang  # Ray is needed only for a gang of several workers
+            from cluster.gang import Gang  # Ray is imported only for actors
 
             self.gang = Gang(config, str(self.model_dir), pg=pg, bundle_offset=bundle_offset)
         self.gang.init_cache(num_blocks)
+        self.num_blocks = num_blocks
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         eos_token_ids = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -108,6 +110,9 @@ class LLMEngine:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.dead: BaseException | None = None
+        self.recovering = False  # a new gang is being started; requests wait for it
+        self._idle_failure: GangError | None = None  # found by a health check between steps
+        self.num_recoveries = 0
 
     # -- public API ---------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
@@ -165,7 +170,19 @@ class LLMEngine:
     async def check_health(self) -> None:
         if self.dead is not None:
             raise EngineDeadError(f"engine is dead: {self.dead}")
-        await self.gang.check_health()
+        if self.recovering or self._idle_failure is not None:  # bounded by recovery_timeout_s
+            return
+        if self._in_flight:  # a worker answers a ping only between steps; the step deadline watches these
+            return
+        try:
+            await self.gang.check_health(timeout_s=self.config.step_timeout_s)
+        except GangError as e:
+            if self.config.max_migrations == 0:
+                raise
+            # Broken while no step ran: the step loop replaces the gang, as it would mid-step.
+            self._idle_failure = e
+            self._ensure_loop()
+            self._wakeup.set()
 
     async def shutdown(self) -> None:
         if self._loop_task is not None:
@@ -185,36 +202,85 @@ class LLMEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        try:
-            while True:
-                while len(self._in_flight) < self.config.parallel.pp:
-                    batch = self.scheduler.schedule()
-                    if batch is None:
-                        break
-                    fut = asyncio.ensure_future(self.gang.execute(self._build_step(batch)))
-                    self._in_flight.append((batch, fut, time.monotonic()))
-                if not self._in_flight:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+        while True:
+            try:
+                await self._steps()
+            except asyncio.CancelledError:
+                raise
+            except GangError as e:  # a worker died, hung or failed: resume the requests on a new gang
+                log.error("gang failed: %s", e)
+                if await self._recover(e):
                     continue
-                batch, fut, started = self._in_flight[0]  # micro-batches come back in the order they went in
-                tokens = batch.num_tokens
-                limit = self.step_deadline.timeout(tokens)
-                try:
-                    out = await asyncio.wait_for(asyncio.shield(fut), started + limit - time.monotonic())
-                except asyncio.TimeoutError:
-                    self.gang.broken = self.gang.broken or TimeoutError(f"no step result in {limit:.1f} s")
-                    raise GangError(f"a step of {tokens} tokens made no progress in {limit:.1f} s: "
-                                    "a worker is hung or stopped") from None  # fmt: skip
-                self._in_flight.popleft()
-                self.step_deadline.record(time.monotonic() - started, tokens)
-                self._apply(batch, out)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
-            log.exception("engine step failed; failing all requests")
-            self.dead = e
-            self._fail_all(EngineDeadError(f"engine failed: {e}"))
+                self._die(e)
+                return
+            except BaseException as e:
+                self._die(e)
+                return
+
+    async def _steps(self) -> None:
+        while True:
+            if self._idle_failure is not None:
+                error, self._idle_failure = self._idle_failure, None
+                raise error
+            while len(self._in_flight) < self.config.parallel.pp:
+                batch = self.scheduler.schedule()
+                if batch is None:
+                    break
+                fut = asyncio.ensure_future(self.gang.execute(self._build_step(batch)))
+                self._in_flight.append((batch, fut, time.monotonic()))
+            if not self._in_flight:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, fut, started = self._in_flight[0]  # micro-batches come back in the order they went in
+            tokens = batch.num_tokens
+            limit = self.step_deadline.timeout(tokens)
+            try:
+                out = await asyncio.wait_for(asyncio.shield(fut), started + limit - time.monotonic())
+            except asyncio.TimeoutError:
+                self.gang.broken = self.gang.broken or TimeoutError(f"no step result in {limit:.1f} s")
+                raise GangError(f"a step of {tokens} tokens made no progress in {limit:.1f} s: "
+                                "a worker is hung or stopped") from None  # fmt: skip
+            self._in_flight.popleft()
+            self.step_deadline.record(time.monotonic() - started, tokens)
+            self._apply(batch, out)
+
+    async def _recover(self, error: GangError) -> bool:
+        """Start a new gang and put every live request back in the queue, to be recomputed from its
+        prompt and the tokens it already streamed: its stream goes on where it stopped, token for
+        token (sampling draws per (seed, step)). A request that has already lived through
+        max_migrations failures fails now. False when no new gang can be had in time."""
+        for _, fut, _ in self._in_flight:
+            fut.cancel()
+        self._in_flight.clear()
+        for request_id, req in list(self._requests.items()):
+            req.migrations += 1
+            if req.migrations > self.config.max_migrations:
+                self._fail(request_id, EngineDeadError(f"gang failed {req.migrations} times during this request: {error}"))
+        if self.config.max_migrations == 0:
+            return False
+        self.recovering = True
+        try:
+            log.warning("starting a new gang for %d requests", len(self._requests))
+            t0 = time.monotonic()
+            timeout = self.config.recovery_timeout_s
+            await asyncio.wait_for(asyncio.to_thread(self.gang.restart, self.num_blocks, timeout), timeout)
+        except (GangError, asyncio.TimeoutError) as e:
+            log.error("no new gang: %s", e)
+            return False
+        finally:
+            self.recovering = False
+        self.allocator = BlockAllocator(self.num_blocks, self.config.block_size)
+        self.scheduler.requeue_all(self.allocator)
+        self.step_deadline = StepDeadline(floor_s=self.config.step_timeout_s)  # new workers build kernels anew
+        self.num_recoveries += 1
+        log.warning("new gang ready in %.1f s; %d requests resume", time.monotonic() - t0, len(self._requests))
+        return True
+
+    def _die(self, error: BaseException) -> None:
+        log.error("engine failed; failing all requests", exc_info=error)
+        self.dead = error
+        self._fail_all(EngineDeadError(f"engine failed: {error}"))
 
     def _build_step(self, batch: Batch) -> StepInput:
         bs = self.config.block_size
@@ -257,6 +323,11 @@ class LLMEngine:
             req.queue.put_nowait(delta)
             if delta.finished:
                 self._requests.pop(seq.request_id, None)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        req = self._requests.pop(request_id)
+        req.queue.put_nowait(error)
+        self.scheduler.finish(req.seq, "abort")
 
     def _fail_all(self, error: BaseException) -> None:
         for req in self._requests.values():

@@ -45,7 +45,7 @@ class Gang:
     ):
         self.config = config
         self.parallel = config.parallel
-        self.broken: BaseException | None = None  # the first failure; a broken gang serves nothing more
+        self.broken: BaseException | None = None  # the first failure; a broken gang serves nothing until restarted
         world = self.parallel.world_size
         self._own_pg = pg is None
         if pg is None:
@@ -60,23 +60,46 @@ class Gang:
                     f"cluster resources: {ray.cluster_resources()}"
                 )
         self.pg = pg
+        self.model_dir = model_dir
+        self.bundle_offset = bundle_offset
+        self.workers: list = []
+        try:
+            self._start_workers(ready_timeout_s)
+        except Exception:
+            self.shutdown()
+            raise
+
+    def _start_workers(self, ready_timeout_s: float, load_timeout_s: float | None = None) -> None:
+        """One actor per rank in the placement group's bundles, wired together, weights loaded."""
         actor_cls = ray.remote(Worker)
-        resources = worker_options(config.device, config.cpus_per_worker)
+        resources = worker_options(self.config.device, self.config.cpus_per_worker)
         self.workers = [
             actor_cls.options(
                 **resources,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=bundle_offset + rank
+                    placement_group=self.pg, placement_group_bundle_index=self.bundle_offset + rank
                 ),
-            ).remote(rank, config, model_dir)
-            for rank in range(world)
+            ).remote(rank, self.config, self.model_dir)
+            for rank in range(self.parallel.world_size)
         ]
+        self._wire(ready_timeout_s)
+        ray.get([w.load.remote() for w in self.workers], timeout=load_timeout_s)
+
+    def restart(self, num_blocks: int, timeout_s: float) -> None:
+        """Replace every worker of a broken gang with a new one in the same bundles, with an empty KV
+        cache of `num_blocks`. Blocking; raises GangError when the new gang is not ready in time."""
+        for w in self.workers:  # a hung worker would hold its bundle (and its collective) forever
+            ray.kill(w)
+        self.workers = []
         try:
-            self._wire(ready_timeout_s)
-            ray.get([w.load.remote() for w in self.workers])
-        except Exception:
-            self.shutdown()
-            raise
+            self._start_workers(timeout_s, load_timeout_s=timeout_s)
+            ray.get([w.init_cache.remote(num_blocks) for w in self.workers], timeout=timeout_s)
+        except Exception as e:
+            for w in self.workers:
+                ray.kill(w)
+            self.workers = []
+            raise GangError(f"could not restart the gang: {e}") from e
+        self.broken = None
 
     def _wire(self, timeout_s: float) -> None:
         nodes = ray.get([w.node_address.remote() for w in self.workers], timeout=timeout_s)

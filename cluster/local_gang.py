@@ -1,10 +1,11 @@
-"""A gang of one (tp = pp = 1): the worker runs in the engine's own process, without Ray.
+"""A gang of one (tp = pp = 1, ``worker_process: in_process``): the worker runs in the engine's own
+process, without Ray, for machines without Ray (bench/device_check.py) and one-process profiles.
 
-No actor, no call per step, no second process competing for the cores: the engine hands each
-step to one thread of its own (torch releases the GIL while it computes), so the caller's event
-loop keeps streaming tokens and taking requests meanwhile. The same interface as ``Gang``.
-Inside a Serve replica the model therefore lives in the replica actor, which reserves the
-worker's CPUs or GPU itself (deployments/placement.py).
+The engine hands each step to one thread of its own (torch releases the GIL while it computes), so
+the caller's event loop keeps going meanwhile. The same interface as ``Gang``, but a worker that
+crashes takes the engine's process with it, and one that hangs cannot be replaced: served
+replicas run their workers as actors (cluster/gang.py), which costs no speed here (BENCHMARKS.md)
+and lets requests resume on a new worker.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class LocalGang:
         except Exception as e:  # an error inside the step: the model's state is unknown from here on
             self.broken = e
             raise GangError(f"the step failed: {e}") from e
+
+    def restart(self, num_blocks: int, timeout_s: float) -> None:
+        raise GangError("the worker runs in the replica's own process and cannot be replaced without it")
 
     async def check_health(self, timeout_s: float = 30.0) -> None:
         if self.broken is not None:

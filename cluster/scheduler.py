@@ -173,6 +173,18 @@ class Scheduler:
             return "length"
         return None
 
+    def requeue_all(self, allocator: BlockAllocator) -> None:
+        """The KV cache is gone (the gang was replaced): from now on blocks come from `allocator`, and
+        every running sequence waits again, in arrival order, to be recomputed (prompt + what it has
+        generated), exactly as after a preemption, so its output goes on unchanged."""
+        for seq in self.running:
+            seq.block_ids, seq.num_computed, seq.num_registered = [], 0, 0
+            seq.in_flight = False
+            seq.status = SeqStatus.WAITING
+        self.waiting = deque(sorted([*self.running, *self.waiting], key=lambda s: s.arrival))
+        self.running = []
+        self.allocator = allocator
+
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)

@@ -290,6 +290,9 @@ class LLMServer:
     async def health(self):
         """200 when this replica would serve a request; 503 with the reason when it would not."""
         refusal = self._unavailable_reason()
+        if refusal is None and self.engine.recovering:  # requests are taken, and served once it is back
+            refusal = RequestError.unavailable("a worker failed; a new one is starting", retry_after=1,
+                                               code="recovering")  # fmt: skip
         if refusal is None:
             try:
                 await self.engine.check_health()

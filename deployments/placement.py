@@ -1,9 +1,9 @@
 """What one replica reserves, for the LLMServer deployment and the Kubernetes fit check alike.
 
 A replica's placement group is bundle 0 for the replica actor itself, then one bundle per
-worker in rank order, packed as the parallel layout requires (a TP group on one host). A
-replica of one worker (tp = pp = 1) runs the model in its own process (cluster/local_gang.py),
-so bundle 0 holds the worker's CPUs or GPU and no other bundle follows. This module loads
+worker in rank order, packed as the parallel layout requires (a TP group on one host). With
+``worker_process: in_process`` the replica runs the model in its own process
+(cluster/local_gang.py), so bundle 0 holds the worker's CPUs or GPU and no other bundle follows. This module loads
 neither Ray nor torch, so rendering and checking manifests stays light.
 """
 
@@ -26,7 +26,7 @@ def replica_bundles(config: AppConfig) -> list[dict[str, float]]:
     """Bundle 0 holds the replica; one bundle per worker follows, in rank order."""
     engine = replica_engine_config(config)
     workers = engine.parallel.worker_bundles(engine.device, engine.cpus_per_worker)
-    if len(workers) == 1:  # the model runs inside the replica
+    if engine.worker_in_process:  # the model runs inside the replica
         (worker,) = workers
         return [{**worker, "CPU": round(worker.get("CPU", 0.0) + REPLICA_CPUS, 6)}]
     return [{"CPU": REPLICA_CPUS}] + workers

@@ -101,18 +101,112 @@ def test_requests_that_cannot_fit_are_refused_before_queueing(engine):
     assert engine.scheduler.num_unfinished == 0
 
 
-def test_dead_worker_fails_requests_instead_of_hanging(ray_cluster, tiny_llama_dir):
+SEEDED = SamplingParams(max_tokens=120, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)
+
+
+def worker_pid(ray_cluster, worker) -> int:
+    import os
+
+    return ray_cluster.get(worker.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def break_mid_generation(eng, ray_cluster, breaker, params_list) -> tuple[list, float]:
+    """Start one request per params; once every one has streamed a token, call `breaker(eng)`.
+    Each request's result (or exception), and the seconds from the break to the last result."""
+    import time
+
+    async def main():
+        started = [asyncio.Event() for _ in params_list]
+
+        async def one(params, flag):
+            tokens = []
+            async for out in eng.generate(GenerateRequest(TARGET, params)):
+                tokens += out.token_ids
+                flag.set()
+            return tokens
+
+        tasks = [asyncio.ensure_future(one(p, f)) for p, f in zip(params_list, started)]
+        await asyncio.wait_for(asyncio.gather(*(f.wait() for f in started)), 60)
+        breaker(eng)
+        t0 = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 120)
+        return results, time.monotonic() - t0
+
+    return asyncio.run(main())
+
+
+def undisturbed(ray_cluster, tiny_llama_dir, params_list) -> list[list[int]]:
+    eng = tiny_engine(tiny_llama_dir, 1, 1)
+    try:
+        return [r.token_ids for r in (run_all(eng, [TARGET], p)[0] for p in params_list)]
+    finally:
+        close(eng)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "tp1"])
+def test_requests_resume_on_a_new_gang_when_a_worker_dies(ray_cluster, tiny_llama_dir, tp, pp):
+    """Kill one rank of a gang mid-generation: a new gang starts in the same bundles, and every
+    request goes on from the tokens it already streamed, token for token as if nothing happened:
+    greedy, and seeded sampling (drawn per (seed, step))."""
+    params = [greedy(120), SEEDED]
+    want = undisturbed(ray_cluster, tiny_llama_dir, params)
+    eng = tiny_engine(tiny_llama_dir, tp, pp)
+    try:
+        results, _ = break_mid_generation(eng, ray_cluster, lambda e: ray_cluster.kill(e.gang.workers[-1]), params)
+        assert results == want
+        assert eng.num_recoveries == 1 and eng.dead is None
+        assert eng.allocator.num_free == eng.allocator.num_blocks  # nothing leaked on either gang
+        assert run_all(eng, [TARGET], greedy(8))[0].token_ids == want[0][:8]  # and it keeps serving
+    finally:
+        close(eng)
+
+
+def test_a_stopped_worker_is_detected_within_the_step_bound_and_its_requests_resume(ray_cluster, tiny_llama_dir):
+    """SIGSTOP one rank of a TP gang: the step deadline declares the gang hung, the stopped worker
+    is killed with the rest, and the requests finish on a new gang with the undisturbed tokens."""
+    import os
+    import signal
+
+    want = undisturbed(ray_cluster, tiny_llama_dir, [greedy(120)])
+    eng = tiny_engine(tiny_llama_dir, 2, 1, step_timeout_s=1.0)
+    pid = worker_pid(ray_cluster, eng.gang.workers[1])
+    try:
+        results, _ = break_mid_generation(eng, ray_cluster, lambda e: os.kill(pid, signal.SIGSTOP), [greedy(120)])
+        assert results == want
+        assert eng.num_recoveries == 1
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:  # killed with its gang
+            pass
+        close(eng)
+
+
+def test_a_worker_that_dies_between_requests_is_replaced_by_the_health_check(ray_cluster, tiny_llama_dir):
+    """No step runs to notice it: the health check's ping does, and the next request is served."""
+    want = undisturbed(ray_cluster, tiny_llama_dir, [greedy(16)])
     eng = tiny_engine(tiny_llama_dir, 2, 1)
     try:
+        assert run_all(eng, [TARGET], greedy(16))[0].token_ids == want[0]
+        ray_cluster.kill(eng.gang.workers[0])
 
         async def main():
-            tasks = [asyncio.ensure_future(collect(eng, TARGET, greedy(200))) for _ in range(3)]
-            await asyncio.sleep(0.5)
-            ray_cluster.kill(eng.gang.workers[1])
-            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
-            return results
+            await eng.check_health()  # finds the dead rank and hands it to the step loop: no raise
+            return await collect(eng, TARGET, greedy(16))
 
-        results = asyncio.run(main())
+        assert asyncio.run(main()).token_ids == want[0]
+        assert eng.num_recoveries == 1
+    finally:
+        close(eng)
+
+
+def test_past_max_migrations_requests_fail_instead_of_hanging(ray_cluster, tiny_llama_dir):
+    """max_migrations=0: a dead worker fails its requests with EngineDeadError (the server turns that
+    into an error event), the engine refuses more, and nothing waits forever."""
+    eng = tiny_engine(tiny_llama_dir, 2, 1, max_migrations=0)
+    try:
+        results, _ = break_mid_generation(eng, ray_cluster, lambda e: ray_cluster.kill(e.gang.workers[1]),
+                                          [greedy(200)] * 3)  # fmt: skip
         assert all(isinstance(r, EngineDeadError) for r in results), results
         with pytest.raises(EngineDeadError):
             asyncio.run(eng.check_health())
@@ -139,32 +233,3 @@ def test_prompts_are_tokenized_off_the_event_loop(engine, monkeypatch):
     assert threads and all(t is not loop_thread for t in threads)
 
 
-def test_a_stopped_worker_is_detected_within_the_step_bound(ray_cluster, tiny_llama_dir):
-    """SIGSTOP one rank of a TP gang mid-generation: the step deadline declares the gang broken, the
-    streams fail instead of waiting forever, and the health check fails so the replica is replaced."""
-    import os
-    import signal
-    import time
-
-    eng = tiny_engine(tiny_llama_dir, 2, 1, step_timeout_s=1.0)
-    pid = ray_cluster.get(eng.gang.workers[1].__ray_call__.remote(lambda self: os.getpid()))
-    try:
-
-        async def main():
-            tasks = [asyncio.ensure_future(collect(eng, TARGET, greedy(400))) for _ in range(2)]
-            await asyncio.sleep(0.5)
-            os.kill(pid, signal.SIGSTOP)
-            stopped = time.monotonic()
-            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
-            return results, time.monotonic() - stopped
-
-        results, detected_after = asyncio.run(main())
-        assert all(isinstance(r, EngineDeadError) for r in results), results
-        assert "no progress" in str(results[0])
-        # The bound: max(step_timeout_s, 10x the slowest recent step); tiny steps take milliseconds.
-        assert detected_after < eng.step_deadline.timeout(1) + 5
-        with pytest.raises(EngineDeadError):
-            asyncio.run(eng.check_health())
-    finally:
-        os.kill(pid, signal.SIGCONT)
-        close(eng)

@@ -1,10 +1,8 @@
 """Faults a client meets on a real app: a worker of a replica's TP gang killed or stopped mid-stream,
-and a burst past a replica's capacity. Its own app ("faults", under /faults) on the session's Serve:
-one replica of the tiny Llama on a TP=2 gang, so a worker can fail while its replica lives on.
-
-What the client sees today (resuming on another replica is not built yet): the stream ends with
-an OpenAI error event and [DONE], never cut silently; /health says 503 until Serve has replaced
-the replica; the replacement serves the same greedy text.
+and a burst past a replica's capacity. Their own apps on the session's Serve, each one replica of
+the tiny Llama on a TP=2 gang, so a worker can fail while its replica lives on: "faults" (under
+/faults) resumes requests on a new gang; "faults0" (/faults0) has max_migrations=0, so its
+requests fail, as every request does past its migrations.
 """
 
 from __future__ import annotations
@@ -21,25 +19,40 @@ import pytest
 
 from tests.deployments.served_app import API_KEY, AUTH
 
-PREFIX = "/faults"
 LONG = {"model": "faulty", "prompt": "The quick brown fox", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def faults_url(served, tiny_llama_dir):
+def start_app(served, model_dir, name: str, **overrides) -> str:
     from ray import serve
 
     from deployments.app import build_app
     from deployments.config import parse_app_config
 
     config = parse_app_config({
-        "model": str(tiny_llama_dir), "served_model_name": "faulty", "num_replicas": 1, "tensor_parallel_size": 2,
+        "model": str(model_dir), "served_model_name": "faulty", "num_replicas": 1, "tensor_parallel_size": 2,
         "cpus_per_worker": 0.25, "num_kv_blocks": 256, "max_num_seqs": 4, "max_queued_requests": 2,
-        "step_timeout_s": 1.0, "api_key": API_KEY,
+        "step_timeout_s": 1.0, "api_key": API_KEY, **overrides,
     })  # fmt: skip
-    serve.run(build_app(config), name="faults", route_prefix=PREFIX)
-    yield served.http + PREFIX
+    serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+    return f"{served.http}/{name}"
+
+
+@pytest.fixture(scope="module")
+def faults_url(served, tiny_llama_dir):
+    from ray import serve
+
+    yield start_app(served, tiny_llama_dir, "faults")
     serve.delete("faults")
+
+
+@pytest.fixture
+def no_migration_url(served, tiny_llama_dir, faults_url):
+    from ray import serve
+
+    serve.delete("faults")  # one gang at a time, so the worker to break is the only one
+    yield start_app(served, tiny_llama_dir, "faults0", max_migrations=0)
+    serve.delete("faults0")
+    start_app(served, tiny_llama_dir, "faults")
 
 
 def gang_worker_pids() -> list[int]:
@@ -113,22 +126,41 @@ def assert_error_event_then_done(events: list) -> None:
     assert not any(e["choices"][0]["finish_reason"] for e in events[:-2])  # not passed off as complete
 
 
+def text_of(events: list) -> str:
+    return "".join(e["choices"][0]["text"] for e in events if isinstance(e, dict) and "choices" in e)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
-def test_a_broken_worker_ends_streams_with_an_error_event_and_the_replacement_serves_the_same(faults_url, sig):
+def test_streams_survive_a_broken_worker_token_for_token(faults_url, sig):
+    """Kill (or stop) a worker while two streams run: the replica starts a new gang and the streams
+    go on where they were, each ending with the undisturbed greedy text, one finish_reason, [DONE]."""
     wait_healthy(faults_url)
-    before = greedy_text(faults_url)
+    r = httpx.post(faults_url + "/v1/completions", json=LONG, headers=AUTH, timeout=120)
+    want = r.json()["choices"][0]["text"]
     events, ended_after = break_a_worker_mid_stream(faults_url, sig)
     for e in events:
+        assert e[-1] == "[DONE]" and all("error" not in x for x in e[:-1])
+        assert text_of(e) == want
+        assert [x["choices"][0]["finish_reason"] for x in e[:-1]].count("length") == 1
+    print(f"{signal.Signals(sig).name}: streams completed {ended_after:.1f} s after the signal")
+    assert httpx.get(faults_url + "/health", timeout=10).status_code == 200
+
+
+def test_past_max_migrations_a_stream_ends_with_an_error_event(no_migration_url):
+    """max_migrations=0: the streams end with an OpenAI error event and [DONE], never cut silently;
+    /health says 503 until Serve has replaced the replica, and the replacement serves the same text."""
+    url = no_migration_url
+    wait_healthy(url)
+    before = greedy_text(url)
+    events, _ = break_a_worker_mid_stream(url, signal.SIGKILL)
+    for e in events:
         assert_error_event_then_done(e)
-    if sig == signal.SIGSTOP:  # detected by the step deadline: max(step_timeout_s = 1 s, 10x a tiny step)
-        assert ended_after < 10
-    health = httpx.get(faults_url + "/health", timeout=10)
+    health = httpx.get(url + "/health", timeout=10)
     if health.status_code != 200:  # until Serve has replaced the replica: 503 and the reason
         assert health.status_code == 503 and health.json()["error"]["code"] == "engine_failed"
-    recovered_after = wait_healthy(faults_url)
-    print(f"{signal.Signals(sig).name}: streams ended {ended_after:.1f} s after the signal; healthy again "
-          f"{recovered_after:.1f} s later")
-    assert greedy_text(faults_url) == before
+    recovered_after = wait_healthy(url)
+    print(f"replica replaced {recovered_after:.1f} s after the failed streams ended")
+    assert greedy_text(url) == before
 
 
 def test_a_burst_past_capacity_gets_only_200s_and_429s_with_retry_after(faults_url):
