@@ -8,7 +8,8 @@ batch, the first stage already runs the next. Each step the scheduler picks the 
 engine flattens it into one ``StepInput`` for all workers, and hands what comes back to
 ``Scheduler.update``. With prefix caching (on by default), prompts that share full KV blocks
 with earlier ones skip computing them; ``stats()`` counts the tokens looked up, found and
-computed.
+computed. When a worker dies or hangs (cluster/watchdog.py), a new gang takes over and every
+live request is recomputed from its prompt and the tokens it already streamed (``_recover``).
 """
 
 from __future__ import annotations
@@ -253,10 +254,11 @@ class LLMEngine:
         for _, fut, _ in self._in_flight:
             fut.cancel()
         self._in_flight.clear()
+        limit = self.config.max_migrations
         for request_id, req in list(self._requests.items()):
             req.migrations += 1
-            if req.migrations > self.config.max_migrations:
-                self._fail(request_id, EngineDeadError(f"gang failed {req.migrations} times during this request: {error}"))
+            if req.migrations > limit:
+                self._fail(request_id, EngineDeadError(f"past max_migrations ({limit}): {error}"))
         if self.config.max_migrations == 0:
             return False
         self.recovering = True
@@ -330,10 +332,8 @@ class LLMEngine:
         self.scheduler.finish(req.seq, "abort")
 
     def _fail_all(self, error: BaseException) -> None:
-        for req in self._requests.values():
-            req.queue.put_nowait(error)
-            self.scheduler.finish(req.seq, "abort")
-        self._requests.clear()
+        for request_id in list(self._requests):
+            self._fail(request_id, error)
         for _, fut, _ in self._in_flight:
             fut.cancel()
         self._in_flight.clear()

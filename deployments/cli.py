@@ -186,6 +186,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ctx = _start_ray(args.address, dashboard=True)
         stop.take_back()
         serve.start(http_options={"host": listen.host, "port": listen.port}, grpc_options=grpc_options(listen))
+        from deployments import drain
+
+        drain.clear(APP_NAME)  # a drain an earlier run left unfinished on this cluster
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         url = f"http://{listen.host}:{listen.port}"
         auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""

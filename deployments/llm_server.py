@@ -204,8 +204,8 @@ class LLMServer:
                 raise RequestError.invalid(str(e), code="invalid_request") from None
             if isinstance(e, EngineDeadError):
                 log.error("request %s: engine unavailable: %s", request.request_id, e)
-                raise self._unavailable_reason() or RequestError.unavailable("model is unavailable; retry",
-                                                                             retry_after=1) from None  # fmt: skip
+                raise RequestError.unavailable("model is unavailable; retry", retry_after=1,
+                                               code="engine_failed") from None  # fmt: skip
             raise  # cancelled while waiting: the engine drops the request
 
         async def outputs() -> AsyncIterator[RequestOutput]:
@@ -262,7 +262,9 @@ class LLMServer:
             items = [item async for item in outputs]
         except EngineDeadError as e:
             log.error("request %s: engine failed mid-request: %s", rid, e)
-            return error_response(self._failed_mid_request(rid))
+            response = error_response(self._failed_mid_request(rid))
+            response.headers.update(headers)
+            return response
         return JSONResponse(shape.full(items, rid, self.model_name, self.created), headers=headers)
 
     @staticmethod
