@@ -182,3 +182,43 @@ def test_a_burst_past_capacity_gets_only_200s_and_429s_with_retry_after(faults_u
         if r.status_code == 429:
             assert int(r.headers["retry-after"]) >= 1
             assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_chat_and_grpc_streams_survive_a_killed_worker(served, faults_url):
+    """The same resumption for a chat stream and a gRPC stream, side by side."""
+    import grpc
+
+    from deployments.proto import shardserve_pb2 as pb
+    from deployments.proto import shardserve_pb2_grpc as pb_grpc
+
+    wait_healthy(faults_url)
+    chat = {"model": "faulty", "messages": [{"role": "user", "content": "Tell me about the sea"}], "max_tokens": 300,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    want_chat = httpx.post(faults_url + "/v1/chat/completions", json=chat, headers=AUTH, timeout=120).json()
+    want_chat = want_chat["choices"][0]["message"]["content"]
+    metadata = (("authorization", f"Bearer {API_KEY}"), ("application", "faults"))
+    request = pb.GenerateRequest(model="faulty", prompt=LONG["prompt"], max_tokens=300, temperature=0, ignore_eos=True)
+    with grpc.insecure_channel(served.grpc) as channel:
+        stub = pb_grpc.ShardServeStub(channel)
+        want_grpc = "".join(m.text for m in stub.GenerateStream(request, metadata=metadata, timeout=120))
+        pid = gang_worker_pids()[-1]
+
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as client:
+                chat_text = ""
+                async with client.stream("POST", faults_url + "/v1/chat/completions", json={**chat, "stream": True},
+                                         headers=AUTH) as r:  # fmt: skip
+                    grpc_stream = stub.GenerateStream(request, metadata=metadata, timeout=120)
+                    first = next(grpc_stream)
+                    os.kill(pid, signal.SIGKILL)
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            event = json.loads(line[6:])
+                            assert "error" not in event
+                            chat_text += event["choices"][0]["delta"].get("content") or ""
+                grpc_text = first.text + "".join(m.text for m in grpc_stream)
+                return chat_text, grpc_text
+
+        chat_text, grpc_text = asyncio.run(main())
+    assert chat_text == want_chat
+    assert grpc_text == want_grpc
