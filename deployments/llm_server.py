@@ -25,7 +25,6 @@ from typing import AsyncIterator
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.util import get_current_placement_group
@@ -33,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.engine import LLMEngine
 from cluster.protocol import EngineDeadError, GenerateRequest, InvalidRequestError, RequestOutput
-from deployments import drain
+from deployments import drain, openai_schema
 from deployments.admission import Admission
 from deployments.autoscaling import engine_utilization
 from deployments.config import AppConfig, AutoscalingConfig
@@ -56,23 +55,7 @@ log = logging.getLogger("shardserve")
 api = FastAPI(title="shardserve", description="OpenAI-compatible API of a sharded LLM on Ray")
 
 
-def _openapi() -> dict:
-    """The generated schema plus the request bodies, which the routes read themselves (to bound and
-    check the raw body first), so FastAPI cannot see them."""
-    if api.openapi_schema is None:
-        schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(body.pop("$defs", {}))
-            components[model.__name__] = body
-            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-            schema["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
-        api.openapi_schema = schema
-    return api.openapi_schema
-
-
-api.openapi = _openapi
+api.openapi = lambda: openai_schema.openapi(api)  # the bodies the routes read themselves, described
 
 
 # Every error the app answers has the OpenAI body, the framework's own included: an unknown path

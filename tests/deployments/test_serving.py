@@ -147,9 +147,43 @@ def test_missing_or_wrong_api_key_is_401(base_url):
         assert r.json()["error"]["type"] == "authentication_error"
 
 
-def test_openapi_describes_the_request_bodies(base_url):
+def test_openapi_describes_request_and_response_bodies_and_real_answers_fit_them(base_url):
+    """The schema names every body, and the bodies served fit the declared models exactly (extra
+    fields refused), streamed chunks and errors included."""
+    import json as json_
+
+    from deployments import openai_schema as oas
+
     schema = httpx.get(base_url + "/openapi.json").json()
     for path, required in (("/v1/chat/completions", "messages"), ("/v1/completions", "prompt")):
-        ref = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        post = schema["paths"][path]["post"]
+        ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         body = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
         assert required in body["required"] and "max_tokens" in body["properties"]
+        assert {"200", "400", "429", "503"} <= set(post["responses"])
+        assert "text/event-stream" in post["responses"]["200"]["content"]
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    def post(path, body):
+        return httpx.post(base_url + path, json=body, headers=auth, timeout=60)
+
+    def chunks(path, body):
+        with httpx.stream("POST", base_url + path, json={**body, "stream": True}, headers=auth, timeout=60) as r:
+            data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        return [json_.loads(d) for d in data[:-1]]
+
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "logprobs": True, "top_logprobs": 2, "stream_options": {"include_usage": True}}  # fmt: skip
+    oas.ChatCompletion.model_validate(post("/v1/chat/completions", chat).json())
+    for c in chunks("/v1/chat/completions", chat):
+        oas.ChatCompletionChunk.model_validate(c)
+    completion = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "logprobs": 1,
+                  "stream_options": {"include_usage": True}}  # fmt: skip
+    oas.Completion.model_validate(post("/v1/completions", completion).json())
+    for c in chunks("/v1/completions", completion):
+        oas.Completion.model_validate(c)
+    oas.ErrorResponse.model_validate(post("/v1/completions", {"model": "tiny"}).json())
+    oas.ModelList.model_validate(httpx.get(base_url + "/v1/models", headers=auth).json())
+    oas.Health.model_validate(httpx.get(base_url + "/health").json())
