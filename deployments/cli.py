@@ -180,6 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config, listen = _app_config(args)
     if not args.address and config.cpus_per_worker is None:
         config = config.model_copy(update={"cpus_per_worker": local_cpus_per_worker(config, os.cpu_count() or 1)})
+    _preflight(config, listen, check_ports=not args.address)
     stop = _StopSignals()  # from here on, a signal stops what was started, in order
     ctx = None
     try:
@@ -191,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain.clear(APP_NAME)  # a drain an earlier run left unfinished on this cluster
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         url = f"http://{listen.host}:{listen.port}"
-        auth = f" -H 'Authorization: Bearer {config.api_key}'" if config.api_key else ""
+        auth = " -H 'Authorization: Bearer <api_key>'" if config.api_key else ""  # the key itself is not printed
         print(f"shardserve is up at {url}/v1 serving model {served_name(config)!r}", flush=True)
         if listen.grpc_port is not None:
             print(f"  gRPC: {listen.host}:{listen.grpc_port} (deployments/proto/shardserve.proto)")
@@ -199,6 +200,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"-d '{{\"model\": \"{served_name(config)}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")  # fmt: skip
         if ctx.dashboard_url:
             print(f"  Ray dashboard: http://{ctx.dashboard_url}  (Serve tab: replicas and requests)")
+            if not args.address and os.environ.get("RAY_AUTH_MODE", "token") == "token":
+                print("    Ray's token auth is on: the dashboard asks for the token that `ray get-auth-token` prints\n"
+                      "    (kept in ~/.ray/auth_token); other shells run `RAY_AUTH_MODE=token serve status`\n"
+                      "    and `RAY_AUTH_MODE=token ray status`.")  # fmt: skip
         print("Ctrl-C or SIGTERM stops it: requests in flight finish first; a second one stops at once.", flush=True)
         stop.wait()
         _drain(config.drain_timeout_s, stop)
@@ -213,6 +218,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             stop_haproxy(ctx.address_info["node_id"])
     print("stopped", flush=True)
     return 0
+
+
+def _preflight(config: AppConfig, listen: Listeners, check_ports: bool) -> None:
+    """What can be known wrong before Ray starts, each as one line: the model, its layout, the ports."""
+    import socket
+
+    from model.config import ModelSpec
+    from model.sources import resolve_model
+
+    config.parallel.validate(ModelSpec.from_pretrained(resolve_model(config.model)))
+    ports = [("--port", listen.port), ("--grpc-port", listen.grpc_port)] if check_ports else []
+    for flag, port in ports:
+        if port is None:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((listen.host, port))
+            except OSError as e:
+                raise OSError(f"cannot listen on {listen.host}:{port} ({e.strerror}); choose another with {flag}") from None
 
 
 class _StopSignals:
@@ -439,8 +463,18 @@ def _add_bench_commands(parent) -> None:
     plot.set_defaults(func=cmd_bench_plot)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shardserve")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardserve", description="Sharded LLM serving on Ray.")
+    parser.add_argument("--version", action="version", version=f"shardserve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text offline through a tp x pp gang on Ray")

@@ -190,9 +190,10 @@ def test_serve_stops_gracefully_on_sigterm(tiny_llama_dir):
         lines = []
         for line in proc.stdout:
             lines.append(line)
-            if "shardserve is up" in line:
+            if "SIGTERM stops it" in line:
                 break
         assert proc.poll() is None, "".join(lines)
+        assert "ray get-auth-token" in "".join(lines)  # how to open the dashboard behind Ray's token auth
         session = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
@@ -230,3 +231,25 @@ def test_serve_stops_gracefully_on_sigterm(tiny_llama_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["-tp", "2"], "tensor parallel size 2 must divide num_heads 9"),  # SmolLM2 has 9 heads
+    (["--port", "BUSY"], "cannot listen on 127.0.0.1:"),
+])  # fmt: skip
+def test_serve_refuses_what_cannot_work_in_one_line_before_ray_starts(flags, says):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        flags = [str(busy.getsockname()[1]) if f == "BUSY" else f for f in flags]
+        r = shardserve("serve", *flags)
+    assert r.returncode == 2
+    assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Started a local Ray instance" not in r.stdout + r.stderr
+
+
+def test_version_flag():
+    r = shardserve("--version")
+    assert r.returncode == 0 and r.stdout.startswith("shardserve ")
