@@ -319,6 +319,10 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
 
 def cmd_k8s_check(args: argparse.Namespace) -> int:
     from deployments.k8s import check_file, serve_replica_range
+    from deployments.k8s.crd_schema import use_crd_dir
+
+    if args.crds:
+        use_crd_dir(args.crds)
 
     for path in args.manifests:
         config = check_file(path)
@@ -350,6 +354,8 @@ def _add_k8s_commands(parent) -> None:
 
     check = sub.add_parser("check", help="validate RayService manifests: CRD schema, Serve config, resource fit")
     check.add_argument("manifests", nargs="+")
+    check.add_argument("--crds", default=None, help="directory of KubeRay CRD files (default: the KubeRay v1.7.0 "
+                       "schemas shipped in deployments/k8s/crds, or $SHARDSERVE_KUBERAY_CRDS)")  # fmt: skip
     check.set_defaults(func=cmd_k8s_check)
 
 

@@ -1,7 +1,7 @@
 """Check KubeRay custom resources offline against the real CRD schemas.
 
 `kubectl --dry-run=client` needs an API server, so instead we read the CRD files
-(`../shared/kuberay/crds/`, KubeRay v1.7.0) and turn the `v1` OpenAPI v3 schema into
+(`deployments/k8s/crds/`, KubeRay v1.7.0, see SOURCE.md there) and turn the `v1` OpenAPI v3 schema into
 JSON Schema the way the API server reads it: `nullable` allows null,
 `x-kubernetes-int-or-string` allows both, a field with a default is not required
 (defaulting runs before validation), and an object that lists `properties` rejects
@@ -18,13 +18,11 @@ from pathlib import Path
 import yaml
 from jsonschema import Draft7Validator
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# CI keeps ../shared beside the checkout; SHARDSERVE_KUBERAY_CRDS points elsewhere.
-CRD_DIR = Path(os.environ.get("SHARDSERVE_KUBERAY_CRDS", REPO_ROOT.parent / "shared" / "kuberay" / "crds"))
+# The schemas travel with the package; SHARDSERVE_KUBERAY_CRDS (or `k8s check --crds`) points elsewhere.
+CRD_DIR = Path(os.environ.get("SHARDSERVE_KUBERAY_CRDS", Path(__file__).resolve().parent / "crds"))
 CRD_FILES = {
     "RayService": "ray.io_rayservices.yaml",
     "RayCluster": "ray.io_rayclusters.yaml",
-    "RayJob": "ray.io_rayjobs.yaml",
 }
 API_VERSION = "ray.io/v1"
 
@@ -70,6 +68,13 @@ def openapi_to_jsonschema(node: dict) -> dict:
     return out
 
 
+def use_crd_dir(path: str | Path) -> None:
+    """Check against the CRD files in `path` from now on."""
+    global CRD_DIR
+    CRD_DIR = Path(path)
+    crd_validator.cache_clear()
+
+
 @cache
 def crd_validator(kind: str) -> Draft7Validator:
     """The validator for one kind, built once per process (each CRD file is about 1 MB)."""
@@ -78,8 +83,8 @@ def crd_validator(kind: str) -> Draft7Validator:
     path = CRD_DIR / CRD_FILES[kind]
     if not path.is_file():
         raise FileNotFoundError(
-            f"KubeRay CRD {path} is missing: the schemas live in ../shared/kuberay/crds beside the "
-            f"repository (or set SHARDSERVE_KUBERAY_CRDS to their directory)"
+            f"KubeRay CRD {path} is missing: pass --crds DIR (or set SHARDSERVE_KUBERAY_CRDS) to a directory "
+            f"holding {CRD_FILES[kind]}, e.g. ray-operator/config/crd/bases of a KubeRay checkout"
         )
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     if crd["spec"]["names"]["kind"] != kind:

@@ -1,7 +1,7 @@
 """KubeRay manifests: valid against the real CRDs, equal to what `render` writes, and resources that fit.
 
-The CRD schemas come from ../shared/kuberay/crds (KubeRay v1.7.0); nothing here needs a Kubernetes
-or Ray cluster.
+The CRD schemas are the KubeRay v1.7.0 files shipped in deployments/k8s/crds; nothing here needs a
+Kubernetes or Ray cluster.
 """
 
 from __future__ import annotations
@@ -53,8 +53,18 @@ def render_options(command: str) -> k8s.RenderOptions:
 
 
 def test_the_crds_are_there_and_there_are_three_manifests():
-    assert CRD_DIR.is_dir(), f"KubeRay CRDs expected at {CRD_DIR} (../shared beside the repository)"
+    assert CRD_DIR.is_dir(), f"KubeRay CRDs expected at {CRD_DIR}"
     assert [p.name for p in MANIFESTS] == ["rayservice-cpu.yaml", "rayservice-gpu-pp.yaml", "rayservice-gpu-tp.yaml"]
+
+
+def test_check_says_in_one_line_where_the_crds_are_when_they_are_not(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "deployments.cli", "k8s", "check", str(MANIFESTS[0]), "--crds",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2
+    assert "--crds" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 # -- no drift: the committed files are exactly what render writes ---------------------------------
