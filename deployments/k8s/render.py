@@ -27,6 +27,8 @@ SERVE_CONTAINER_ENV = [{"name": name, "value": value} for name, value in SERVE_E
 # The pod's interface: gloo otherwise binds the hostname's address, which can be loopback in a pod.
 WORKER_ENV = SERVE_CONTAINER_ENV + [{"name": "GLOO_SOCKET_IFNAME", "value": "eth0"}]
 AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
+SHM_VOLUME = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
+SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}
 
 
 @dataclass(frozen=True)
@@ -142,14 +144,18 @@ def build_rayservice(serve_config: dict, opts: RenderOptions) -> tuple[dict, App
         "ports": [{"name": "serve", "containerPort": listen.port}, {"name": "metrics", "containerPort": METRICS_PORT}],
         "resources": worker.resources(),
     }
-    worker_pod: dict = {"containers": [worker_container]}
+    # /dev/shm as memory the pod's limit bounds: container runtimes give 64 MiB by default, too little for
+    # Ray's object store and the TP ranks' shared-memory all-reduce.
+    head_container["volumeMounts"] = [SHM_MOUNT]
+    worker_container["volumeMounts"] = [SHM_MOUNT]
+    worker_pod: dict = {"containers": [worker_container], "volumes": [SHM_VOLUME]}
     if config.model is not None and Path(config.model).is_absolute():
         mount = opts.models_mount.rstrip("/")
         if not config.model.startswith(mount + "/"):
             raise ConfigError(f"{opts.config}: model {config.model} is not under {mount}/ (--models-mount)")
-        worker_container["volumeMounts"] = [{"name": "models", "mountPath": mount, "readOnly": True}]
+        worker_container["volumeMounts"].append({"name": "models", "mountPath": mount, "readOnly": True})
         claim = {"claimName": opts.models_pvc, "readOnly": True}
-        worker_pod["volumes"] = [{"name": "models", "persistentVolumeClaim": claim}]
+        worker_pod["volumes"].append({"name": "models", "persistentVolumeClaim": claim})
     if gpu:
         worker_pod["tolerations"] = GPU_TOLERATIONS
 
@@ -181,7 +187,7 @@ def build_rayservice(serve_config: dict, opts: RenderOptions) -> tuple[dict, App
                         "dashboard-host": "0.0.0.0",
                         "metrics-export-port": str(METRICS_PORT),
                     },
-                    "template": {"spec": {"containers": [head_container]}},
+                    "template": {"spec": {"containers": [head_container], "volumes": [SHM_VOLUME]}},
                 },
                 "workerGroupSpecs": [
                     {

@@ -200,10 +200,21 @@ def test_gpu_clusters(name, tp, pp, pods):
     layout = (args["device"], args["dtype"], args["tensor_parallel_size"], args["pipeline_parallel_size"])
     assert layout == ("cuda", "bfloat16", tp, pp)
     assert args["model"].startswith("/models/")
-    assert spec["containers"][0]["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True}]
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in spec["containers"][0]["volumeMounts"]
     report = k8s.check_resource_fit(doc)
     assert report["strategy"] == ("STRICT_PACK" if pp == 1 else "PACK")
     assert len(report["units"]) == (1 if pp == 1 else pp)
+
+
+def test_every_pod_gets_dev_shm_in_memory():
+    """Runtimes give containers 64 MiB of /dev/shm; Ray's object store and the TP shared-memory
+    all-reduce need more: every pod mounts a memory emptyDir there."""
+    for path in MANIFESTS:
+        cluster = load(path)["spec"]["rayClusterConfig"]
+        pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+        for pod in pods:
+            assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+            assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
 
 
 def test_header_names_the_image_to_replace():
