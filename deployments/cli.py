@@ -28,8 +28,9 @@ DEMO_PROMPTS = [
 
 # Every EngineConfig field is a flag of both commands, and these AppConfig fields of `serve`; each
 # flag is named after its field (--max-num-seqs for max_num_seqs) and overrides the config file.
-SERVE_FIELDS = ("served_model_name", "num_replicas", "max_queued_requests", "routing", "api_key",
+SERVE_FIELDS = ("served_model_name", "num_replicas", "max_queued_requests", "routing", "api_key", "api_key_file",
                 "max_request_body_bytes", "drain_timeout_s")
+API_KEY_ENV = "SHARDSERVE_API_KEY"
 SHORT_FLAGS = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}
 LISTENER_FLAGS = ("host", "port", "grpc_port")  # override the Serve config's http_options / grpc_options
 
@@ -180,6 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config, listen = _app_config(args)
     if not args.address and config.cpus_per_worker is None:
         config = config.model_copy(update={"cpus_per_worker": local_cpus_per_worker(config, os.cpu_count() or 1)})
+    config = _api_key_from_env(config, args.address)
     _preflight(config, listen, check_ports=not args.address)
     stop = _StopSignals()  # from here on, a signal stops what was started, in order
     ctx = None
@@ -192,7 +194,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain.clear(APP_NAME)  # a drain an earlier run left unfinished on this cluster
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         url = f"http://{listen.host}:{listen.port}"
-        auth = " -H 'Authorization: Bearer <api_key>'" if config.api_key else ""  # the key itself is not printed
+        keyed = config.api_key or config.api_key_file
+        auth = " -H 'Authorization: Bearer <api_key>'" if keyed else ""  # the key itself is never printed
         print(f"shardserve is up at {url}/v1 serving model {served_name(config)!r}", flush=True)
         if listen.grpc_port is not None:
             print(f"  gRPC: {listen.host}:{listen.grpc_port} (deployments/proto/shardserve.proto)")
@@ -218,6 +221,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
             stop_haproxy(ctx.address_info["node_id"])
     print("stopped", flush=True)
     return 0
+
+
+def _api_key_from_env(config: AppConfig, address: str | None) -> AppConfig:
+    """SHARDSERVE_API_KEY, unless a key is configured: written to a file only this user reads, which
+    the replicas read, so the key stays out of the Serve config, Serve's logs and the dashboard."""
+    key = os.environ.get(API_KEY_ENV)
+    if not key or config.api_key or config.api_key_file:
+        return config
+    if address:
+        raise ValueError(f"{API_KEY_ENV} works with the Ray that shardserve serve starts; on a cluster give every "
+                         "node the key in a file (a mounted Secret) and pass --api-key-file")  # fmt: skip
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="shardserve-")) / "api_key"  # the directory is 0700
+    path.write_text(key)
+    path.chmod(0o600)
+    return config.model_copy(update={"api_key_file": str(path)})
 
 
 def _preflight(config: AppConfig, listen: Listeners, check_ports: bool) -> None:

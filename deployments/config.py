@@ -76,7 +76,16 @@ class AppConfig(EngineConfig):
         description="Send requests sharing a long prompt prefix to the replica that has it cached, unless "
         "it is much busier; or plain power of two choices.",
     )
-    api_key: str | None = Field(None, description="When set, requests must send `Authorization: Bearer <key>`.")
+    api_key: str | None = Field(
+        None,
+        description="When set, requests must send `Authorization: Bearer <key>`. It travels in the Serve config "
+        "(and Serve logs it): prefer api_key_file, or SHARDSERVE_API_KEY for shardserve serve.",
+    )
+    api_key_file: str | None = Field(
+        None,
+        description="A file holding the API key, read by each replica when it starts (a mounted Kubernetes "
+        "Secret): the key stays out of the Serve config and the logs.",
+    )
     max_request_body_bytes: int = Field(
         4 << 20, ge=1024, description="Largest request body accepted; a larger one gets 413 before it is parsed."
     )
@@ -86,6 +95,12 @@ class AppConfig(EngineConfig):
         description="Seconds a stopping server lets requests in flight finish: shardserve serve after SIGTERM or "
         "SIGINT, and each replica Serve takes down (its graceful_shutdown_timeout_s).",
     )
+
+    @model_validator(mode="after")
+    def _one_key(self) -> "AppConfig":
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("set api_key or api_key_file, not both")
+        return self
 
     @model_validator(mode="after")
     def _replicas(self) -> "AppConfig":
@@ -98,6 +113,17 @@ class AppConfig(EngineConfig):
     def engine_config(self) -> EngineConfig:
         """The engine's part of this config (the serving fields left out)."""
         return EngineConfig.model_construct(**self.model_dump(include=set(EngineConfig.model_fields)))  # validated here
+
+
+def read_api_key(path: str) -> str:
+    """The key in an api_key_file (surrounding whitespace dropped, as a Secret file may end in a newline)."""
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"api_key_file {path}: {e.strerror}") from None
+    if not key:
+        raise ConfigError(f"api_key_file {path} is empty")
+    return key
 
 
 class ConfigError(ValueError):

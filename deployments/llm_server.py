@@ -35,7 +35,7 @@ from cluster.protocol import EngineDeadError, GenerateRequest, InvalidRequestErr
 from deployments import drain, openai_schema
 from deployments.admission import Admission
 from deployments.autoscaling import engine_utilization
-from deployments.config import AppConfig, AutoscalingConfig
+from deployments.config import AppConfig, AutoscalingConfig, read_api_key
 from deployments.grpc_protocol import GRPC_STATUS, grpc_request_body, grpc_response
 from deployments.metrics import ReplicaMetrics, RequestTimer, RouterMetrics
 from deployments.openai_protocol import (ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape,
@@ -88,12 +88,12 @@ async def _internal_error(request: Request, e: Exception):
 @serve.ingress(api)
 class LLMServer:
     def __init__(self, config: AppConfig, model_name: str):
+        self.api_key = config.api_key if config.api_key_file is None else read_api_key(config.api_key_file)
         self.engine = LLMEngine(replica_engine_config(config), pg=get_current_placement_group(), bundle_offset=1)
         self.max_num_seqs = config.max_num_seqs
         self.admission = Admission(config.max_num_seqs, config.max_queued_requests)
         self.max_body_bytes = config.max_request_body_bytes
         self.model_name = model_name
-        self.api_key = config.api_key
         self.created = int(time.time())
         context = serve.get_replica_context()
         self.app_name, self.replica = context.app_name, context.replica_id.unique_id

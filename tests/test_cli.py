@@ -165,17 +165,21 @@ def test_num_replicas_flag_replaces_the_files_autoscaling(tmp_path):
 
 
 @pytest.mark.ray  # `shardserve serve` starts its own Ray
-def test_serve_stops_gracefully_on_sigterm(tiny_llama_dir):
+def test_serve_stops_gracefully_on_sigterm_and_keeps_its_api_key_secret(tiny_llama_dir):
     """SIGTERM while streams are in flight: they finish whole, then the command exits 0 and no
-    process of the Ray session it started is left."""
+    process of the Ray session it started is left. The API key, given as SHARDSERVE_API_KEY, is
+    required of every request and appears in nothing it printed nor in any Ray log."""
     import asyncio
+    import secrets
     import signal
+    from pathlib import Path
 
     import httpx
     import psutil
 
     from tests.ports import free_port
 
+    key = "sk-" + secrets.token_hex(16)
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployments.cli", "serve", "--model", str(tiny_llama_dir), "--host", "127.0.0.1",
@@ -184,7 +188,7 @@ def test_serve_stops_gracefully_on_sigterm(tiny_llama_dir):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         # its own HAProxy's stats and metrics ports: the tests' Ray runs one too
         env={**os.environ, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())},
+             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "SHARDSERVE_API_KEY": key},
     )  # fmt: skip
     try:
         lines = []
@@ -195,6 +199,8 @@ def test_serve_stops_gracefully_on_sigterm(tiny_llama_dir):
         assert proc.poll() is None, "".join(lines)
         assert "ray get-auth-token" in "".join(lines)  # how to open the dashboard behind Ray's token auth
         session = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        assert httpx.post(url, json={"model": "tiny", "prompt": "hi"}, timeout=60).status_code == 401
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
 
@@ -203,8 +209,8 @@ def test_serve_stops_gracefully_on_sigterm(tiny_llama_dir):
                 flowing = asyncio.Event()
 
                 async def one() -> list[str]:
-                    url = f"http://127.0.0.1:{port}/v1/completions"
-                    async with client.stream("POST", url, json=body) as r:
+                    auth = {"Authorization": f"Bearer {key}"}
+                    async with client.stream("POST", url, json=body, headers=auth) as r:
                         assert r.status_code == 200
                         data = []
                         async for line in r.aiter_lines():
@@ -225,6 +231,10 @@ def test_serve_stops_gracefully_on_sigterm(tiny_llama_dir):
             assert chunks[-1]["usage"]["completion_tokens"] == 1000
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, "".join(lines) + out
+        assert key not in "".join(lines) + out
+        for log in Path("/tmp/ray").glob("session_*/logs/**/*"):
+            if log.is_file():
+                assert key.encode() not in log.read_bytes(), log
         time.sleep(2)
         assert [pid for pid in session if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"] == []
     finally:

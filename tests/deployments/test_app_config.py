@@ -114,3 +114,18 @@ def test_engine_settings_are_declared_once_and_layer_split_is_settable(tmp_path)
     path.write_text("pipeline_parallel_size: 2\nlayer_split: [20, 5, 5]\n")
     with pytest.raises(ConfigError, match="layer_split has 3 entries but pipeline_parallel_size is 2"):
         load_app_config(path)
+
+
+def test_api_key_file_is_read_and_refused_alongside_api_key(tmp_path):
+    from deployments.config import AppConfig, ConfigError, read_api_key
+
+    path = tmp_path / "api_key"
+    path.write_text("sk-secret\n")  # a Secret file may end in a newline
+    assert read_api_key(str(path)) == "sk-secret"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        read_api_key(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="api_key_file"):
+        read_api_key(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="not both"):
+        AppConfig(api_key="a", api_key_file=str(path))
