@@ -370,6 +370,8 @@ def _add_k8s_commands(parent) -> None:
     render.add_argument("--worker-gpus", type=int, default=None, help="GPUs per worker pod (default: tp)")
     render.add_argument("--models-pvc", default="shardserve-models", help="PVC holding an absolute `model` path")
     render.add_argument("--models-mount", default="/models", help="where that PVC is mounted in worker pods")
+    render.add_argument("--api-key-secret", default=None, help="Secret whose key 'api_key' requests must present "
+                        "(mounted into worker pods; the key never enters serveConfigV2)")  # fmt: skip
     render.set_defaults(func=cmd_k8s_render)
 
     check = sub.add_parser("check", help="validate RayService manifests: CRD schema, Serve config, resource fit")

@@ -29,6 +29,7 @@ WORKER_ENV = SERVE_CONTAINER_ENV + [{"name": "GLOO_SOCKET_IFNAME", "value": "eth
 AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
 SHM_VOLUME = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
 SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}
+API_KEY_MOUNT, API_KEY_ITEM = "/var/run/secrets/shardserve", "api_key"  # where replicas find the API key
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class RenderOptions:
     worker_gpus: int | None = None
     models_pvc: str = "shardserve-models"
     models_mount: str = "/models"
+    api_key_secret: str | None = None
 
     def command(self) -> str:
         """The command line that renders exactly this manifest (it goes into the header)."""
@@ -71,7 +73,7 @@ class RenderOptions:
             parts.append("--gpu")
         defaults = RenderOptions(config=self.config)
         for field in ("name", "image", "head_cpus", "head_memory", "worker_cpus", "worker_memory", "worker_gpus",
-                      "models_pvc", "models_mount"):  # fmt: skip
+                      "models_pvc", "models_mount", "api_key_secret"):  # fmt: skip
             value = getattr(self, field)
             if value != getattr(defaults, field):
                 parts += ["--" + field.replace("_", "-"), str(value)]
@@ -103,6 +105,9 @@ class _Dumper(yaml.SafeDumper):
     def increase_indent(self, flow=False, indentless=False):
         return super().increase_indent(flow, False)  # indent list items under their key, kubectl style
 
+    def ignore_aliases(self, data) -> bool:
+        return True  # a block used twice (the /dev/shm volume) is written out twice, not as &id/*id
+
 
 _Dumper.add_representer(_Literal, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|"))
 
@@ -114,6 +119,11 @@ def _dump(doc) -> str:
 def build_rayservice(serve_config: dict, opts: RenderOptions) -> tuple[dict, AppConfig]:
     """The RayService document (a dict in manifest order) and the AppConfig it serves."""
     serve_cfg, config, listen = cluster_serve_config(serve_config, opts.config)
+    if config.api_key is not None:
+        raise ConfigError(f"{opts.config}: api_key would stand in plain text in serveConfigV2; put the key in a "
+                          "Secret and render with --api-key-secret NAME")  # fmt: skip
+    if opts.api_key_secret:  # each replica reads the key from the mounted Secret
+        serve_cfg["applications"][0]["args"]["api_key_file"] = f"{API_KEY_MOUNT}/{API_KEY_ITEM}"
     gpu = config.device == "cuda"
     if opts.gpu and not gpu:
         raise ConfigError(f"{opts.config}: --gpu needs device: cuda in applications[0].args, got {config.device}")
@@ -149,6 +159,10 @@ def build_rayservice(serve_config: dict, opts: RenderOptions) -> tuple[dict, App
     head_container["volumeMounts"] = [SHM_MOUNT]
     worker_container["volumeMounts"] = [SHM_MOUNT]
     worker_pod: dict = {"containers": [worker_container], "volumes": [SHM_VOLUME]}
+    if opts.api_key_secret:
+        item = {"key": API_KEY_ITEM, "path": API_KEY_ITEM}
+        worker_pod["volumes"].append({"name": "api-key", "secret": {"secretName": opts.api_key_secret, "items": [item]}})
+        worker_container["volumeMounts"].append({"name": "api-key", "mountPath": API_KEY_MOUNT, "readOnly": True})
     if config.model is not None and Path(config.model).is_absolute():
         mount = opts.models_mount.rstrip("/")
         if not config.model.startswith(mount + "/"):
@@ -220,6 +234,8 @@ def _header(opts: RenderOptions, doc: dict, config: AppConfig) -> str:
     ]
     if config.model is not None and Path(config.model).is_absolute():
         lines.append(f"Weights: {config.model} comes from the PVC {opts.models_pvc!r} mounted at {opts.models_mount}.")
+    if opts.api_key_secret:
+        lines.append(f"API key: the Secret {opts.api_key_secret!r} (key {API_KEY_ITEM!r}) must exist before apply.")
     return "".join(f"# {line}\n" for line in lines)
 
 

@@ -21,7 +21,7 @@ from ray.serve.schema import ServeDeploySchema
 from deployments import k8s
 from deployments.cli import build_parser
 from deployments.cli import main as cli_main
-from deployments.config import load_app_config, load_serve_file
+from deployments.config import ConfigError, load_app_config, load_serve_file
 from deployments.k8s.checks import UPGRADE_TYPES
 from deployments.k8s.crd_schema import CRD_DIR, ManifestError, openapi_to_jsonschema, schema_errors
 
@@ -130,8 +130,26 @@ def test_serve_config_v2_is_a_serve_config_and_an_app_config(path, tmp_path):
 def test_serve_config_v2_carries_its_source_config(path):
     source = re.search(r"--config (\S+)", path.read_text()).group(1)
     doc, src = serve_config(load(path)), load(REPO / source)
-    assert doc["applications"][0]["args"] == src["applications"][0]["args"]
+    args = dict(doc["applications"][0]["args"])
+    if "--api-key-secret" in path.read_text().splitlines()[0]:  # the one arg render adds: where the key is mounted
+        assert args.pop("api_key_file") == "/var/run/secrets/shardserve/api_key"
+    assert args == src["applications"][0]["args"]
     assert doc["grpc_options"] == src["grpc_options"]
+
+
+def test_the_api_key_comes_from_a_secret_and_never_stands_in_the_manifest(tmp_path):
+    """The GPU manifests mount the Secret into the worker pods; a config with a plain api_key is refused."""
+    doc = load(REPO / "k8s/rayservice-gpu-tp.yaml")
+    pod = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    secret = {"secretName": "shardserve-api-key", "items": [{"key": "api_key", "path": "api_key"}]}
+    assert {"name": "api-key", "secret": secret} in pod["volumes"]
+    assert {"name": "api-key", "mountPath": "/var/run/secrets/shardserve", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    plain = tmp_path / "plain.yaml"
+    cfg = load(REPO / "k8s/configs/cpu.yaml")
+    cfg["applications"][0]["args"]["api_key"] = "sk-plain"
+    plain.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="api-key-secret"):
+        k8s.render_file(k8s.RenderOptions(config=str(plain)))
 
 
 def test_cpu_config_is_the_local_config_made_cluster_ready():
@@ -424,7 +442,8 @@ def test_k8s_subcommands_through_the_cli_parser(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     parser = build_parser()
     args = parser.parse_args(
-        ["k8s", "render", "--config", "k8s/configs/gpu-tp.yaml", "--gpu", "--out", "k8s/rayservice-gpu-tp.yaml"]
+        ["k8s", "render", "--config", "k8s/configs/gpu-tp.yaml", "--gpu", "--api-key-secret", "shardserve-api-key",
+         "--out", "k8s/rayservice-gpu-tp.yaml"]
     )
     monkeypatch.setattr(Path, "write_text", lambda self, text: print(text, end=""))  # keep the committed file
     assert args.func(args) == 0
