@@ -182,17 +182,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.address and config.cpus_per_worker is None:
         config = config.model_copy(update={"cpus_per_worker": local_cpus_per_worker(config, os.cpu_count() or 1)})
     config = _api_key_from_env(config, args.address)
+    phase = _Phases()
+    phase("checking the model, its layout and the ports")
     _preflight(config, listen, check_ports=not args.address)
     stop = _StopSignals()  # from here on, a signal stops what was started, in order
     ctx = None
     try:
+        phase(f"connecting to Ray at {args.address}" if args.address else "starting Ray on this machine")
         ctx = _start_ray(args.address, dashboard=True)
         stop.take_back()
+        phase("starting Serve")
         serve.start(http_options={"host": listen.host, "port": listen.port}, grpc_options=grpc_options(listen))
         from deployments import drain
 
         drain.clear(APP_NAME)  # a drain an earlier run left unfinished on this cluster
+        replicas = config.autoscaling.min_replicas if config.autoscaling else config.num_replicas
+        phase(f"starting {replicas} replica(s), each with {config.parallel.world_size} worker(s) that load their "
+              "shard of the weights and allocate the KV cache")  # fmt: skip
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        phase.done()
         url = f"http://{listen.host}:{listen.port}"
         keyed = config.api_key or config.api_key_file
         auth = " -H 'Authorization: Bearer <api_key>'" if keyed else ""  # the key itself is never printed
@@ -257,6 +265,23 @@ def _preflight(config: AppConfig, listen: Listeners, check_ports: bool) -> None:
                 s.bind((listen.host, port))
             except OSError as e:
                 raise OSError(f"cannot listen on {listen.host}:{port} ({e.strerror}); choose another with {flag}") from None
+
+
+class _Phases:
+    """One line per start-up phase, with how long the one before took."""
+
+    def __init__(self):
+        self.start = self.last = time.monotonic()
+        self.first = True
+
+    def __call__(self, what: str) -> None:
+        now = time.monotonic()
+        took = "" if self.first else f" (previous step {now - self.last:.1f} s)"
+        print(f"shardserve: {what}...{took}", flush=True)
+        self.last, self.first = now, False
+
+    def done(self) -> None:
+        print(f"shardserve: ready after {time.monotonic() - self.start:.1f} s", flush=True)
 
 
 class _StopSignals:
