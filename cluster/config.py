@@ -21,7 +21,9 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str | None = Field(
-        None, description="HF directory, .gguf file, or null for the bundled SmolLM2-135M-Instruct."
+        None,
+        description="HF directory, .gguf file, Hugging Face model ID (org/name[@revision], fetched once per node "
+        "into the HF cache), or null for the bundled SmolLM2-135M-Instruct.",
     )
     dtype: Literal[DTYPES] = Field("float32", description="Weight and activation dtype.")
     device: Literal[DEVICES] = Field("cpu", description="Where workers run: one GPU each on cuda.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,10 @@ DIST_TIMEOUT_S = 60.0  # rendezvous and collectives; a peer silent this long has
 class Worker:
     def __init__(self, rank: int, config: EngineConfig, model_dir: str):
         self.config = config
+        if not Path(model_dir).is_dir():  # the engine's node has it; this one resolves the source itself
+            from model.sources import resolve_model
+
+            model_dir = str(resolve_model(config.model))
         self.model_dir = model_dir
         self.spec = ModelSpec.from_pretrained(model_dir)
         self.parallel = config.parallel

@@ -21,7 +21,7 @@ from deployments.config import AppConfig, Listeners, parse_app_config
 from deployments.llm_server import llm_server_deployment
 from deployments.placement import ROUTER_CPUS
 from deployments.router import Router
-from model.sources import DEFAULT_MODEL
+from model.sources import DEFAULT_MODEL, HUB_ID
 
 GRPC_SERVICER = "deployments.proto.shardserve_pb2_grpc.add_ShardServeServicer_to_server"
 def haproxy_enabled() -> bool:
@@ -41,6 +41,8 @@ def served_name(config: AppConfig) -> str:
     if config.model is None:
         return DEFAULT_MODEL
     path = Path(config.model)
+    if not path.exists() and HUB_ID.match(config.model):  # a Hub model ID is served under its name, as vLLM does
+        return config.model.partition("@")[0]
     return path.stem if path.suffix == ".gguf" else path.name
 
 

@@ -1,10 +1,14 @@
-"""Resolve a model source (bundled default, GGUF file, or HF directory) to a safetensors directory.
+"""Resolve a model source (bundled default, GGUF file, HF directory, or Hugging Face Hub model ID)
+to a safetensors directory.
 
 Everything downstream (config, loader) reads one format: a directory with `config.json` and
 `*.safetensors`. A GGUF file is converted into that format once, into a cache directory, because
 de-quantizing it takes ~20 s and every worker of every replica needs the weights. The conversion
 is guarded by a file lock (so concurrent workers convert once) and written to a temp directory that
 is renamed into place (so a crash never leaves a half-written cache entry that looks complete).
+A model ID (`org/name`, optionally `@revision`) is fetched once per node into the Hugging Face
+cache with `huggingface_hub` (HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply), weights, config and
+tokenizer files only.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,9 +37,11 @@ _KEY_HEAD_BYTES = 8 << 20
 _KEY_TAIL_BYTES = 1 << 20
 
 _EXPECTED = (
-    f"expected a directory with config.json and *.safetensors, a .gguf file, "
-    f"or {DEFAULT_MODEL!r} (the bundled default)"
+    f"expected a directory with config.json and *.safetensors, a .gguf file, a Hugging Face model ID "
+    f"(org/name[@revision]), or {DEFAULT_MODEL!r} (the bundled default)"
 )
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"]  # no .bin, .gguf, images
 
 
 def default_cache_dir() -> Path:
@@ -71,6 +78,8 @@ def resolve_model(source: str | os.PathLike | None = None, cache_dir: Path | Non
     if _is_default(source):
         return _convert_gguf_cached(default_model_path(), cache_dir)
     path = Path(source).expanduser()
+    if not path.exists() and HUB_ID.match(str(source)):
+        return _from_hub(str(source))
     if not path.exists():
         raise ValueError(f"model source {str(source)!r} does not exist; {_EXPECTED}")
     if path.is_dir():
@@ -79,6 +88,23 @@ def resolve_model(source: str | os.PathLike | None = None, cache_dir: Path | Non
     if _has_gguf_magic(path):
         return _convert_gguf_cached(path, cache_dir)
     raise ValueError(f"model source {str(path)!r} is a file but not a GGUF file (no 'GGUF' magic); {_EXPECTED}")
+
+
+def _from_hub(model_id: str) -> Path:
+    """The snapshot directory of `org/name[@revision]` in the Hugging Face cache, fetched if missing."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, _, revision = model_id.partition("@")
+    try:
+        path = Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise ValueError(f"model {model_id!r} is not in the Hugging Face cache and downloading is off "
+                         "(HF_HUB_OFFLINE) or the Hub is unreachable") from None  # fmt: skip
+    except HfHubHTTPError as e:  # not found, gated without HF_TOKEN, ...
+        raise ValueError(f"model {model_id!r}: {str(e).splitlines()[0]}") from None
+    _check_hf_dir(path)
+    return path
 
 
 def _check_hf_dir(path: Path) -> None:

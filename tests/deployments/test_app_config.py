@@ -129,3 +129,11 @@ def test_api_key_file_is_read_and_refused_alongside_api_key(tmp_path):
         read_api_key(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="not both"):
         AppConfig(api_key="a", api_key_file=str(path))
+
+
+def test_a_hub_model_is_served_under_its_id():
+    from deployments.app import served_name
+    from deployments.config import AppConfig
+
+    assert served_name(AppConfig(model="acme/tiny-llama@v2")) == "acme/tiny-llama"
+    assert served_name(AppConfig(model="acme/tiny-llama", served_model_name="t")) == "t"

@@ -6,6 +6,7 @@ fresh cache dir, which both exercises the lock and gives the other tests their c
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -190,3 +191,28 @@ def test_non_gguf_file_is_rejected(tmp_path):
         with pytest.raises(ValueError, match="not a GGUF file"):
             sources.resolve_model(bad, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+def _hub_cache(root: Path, repo: str, model_dir: Path, commit: str = "0" * 40) -> None:
+    """A Hugging Face cache holding `repo` at `commit` as main, laid out as huggingface_hub writes it."""
+    entry = root / ("models--" + repo.replace("/", "--"))
+    snapshot = entry / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot)
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_model_id_resolves_from_the_hugging_face_cache_offline(tiny_llama_dir, tmp_path):
+    """`org/name` goes through huggingface_hub with the user's HF_* settings; here offline, from a
+    cache built locally, as on a node whose cache was filled before (nothing is downloaded in tests)."""
+    _hub_cache(tmp_path / "hub", "acme/tiny-llama", tiny_llama_dir)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = ("from model.sources import resolve_model; from model.config import ModelSpec; "
+            "p = resolve_model('acme/tiny-llama'); print(p); print(ModelSpec.from_pretrained(p).num_layers)")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    path, layers = r.stdout.split()
+    assert Path(path).is_relative_to(tmp_path / "hub") and int(layers) >= 1
+    code = "from model.sources import resolve_model; resolve_model('acme/missing@v2')"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "not in the Hugging Face cache" in r.stderr
