@@ -33,6 +33,8 @@ def start_app(served, model_dir, name: str, **overrides) -> str:
         "cpus_per_worker": 0.25, "num_kv_blocks": 256, "max_num_seqs": 4, "max_queued_requests": 2,
         "step_timeout_s": 1.0, "api_key": API_KEY, **overrides,
     })  # fmt: skip
+    OTHER_WORKERS.clear()
+    OTHER_WORKERS.update(all_worker_pids())
     serve.run(build_app(config), name=name, route_prefix=f"/{name}")
     return f"{served.http}/{name}"
 
@@ -55,10 +57,17 @@ def no_migration_url(served, tiny_llama_dir, faults_url):
     start_app(served, tiny_llama_dir, "faults")
 
 
+def all_worker_pids() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("ray::Worker")}
+
+
+OTHER_WORKERS: set[int] = set()  # the shared app's workers, found before a faults app starts
+
+
 def gang_worker_pids() -> list[int]:
-    """The faults app's Worker actors: the only gang in the session (the shared app runs tp = 1 in-process)."""
-    return sorted(p.pid for p in psutil.process_iter(["cmdline"])
-                  if (p.info["cmdline"] or [""])[0].startswith("ray::Worker"))  # fmt: skip
+    """The faults app's Worker actors: every Worker process but the shared app's (one gang at a time
+    runs here: the two faults apps never run together)."""
+    return sorted(all_worker_pids() - OTHER_WORKERS)
 
 
 def wait_healthy(url: str, timeout_s: float = 120) -> float:
