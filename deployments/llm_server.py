@@ -192,6 +192,7 @@ class LLMServer:
             raise  # cancelled while waiting: the engine drops the request
 
         async def outputs() -> AsyncIterator[RequestOutput]:
+            """The deltas; a model that fails on the way raises RequestError (503), its detail logged here."""
             item = first
             try:
                 while True:
@@ -202,6 +203,11 @@ class LLMServer:
                     if item.finished:
                         return
                     item = await stream.__anext__()
+            except EngineDeadError as e:
+                log.error("request %s: engine failed mid-request: %s", request.request_id, e)
+                raise RequestError.unavailable(
+                    f"the model failed while answering (request id {request.request_id}); retry",
+                    retry_after=1, code="engine_failed") from None  # fmt: skip
             finally:  # the client went away, the stream ended or failed: the engine lets go of it
                 self._done()
                 await stream.aclose()
@@ -232,9 +238,7 @@ class LLMServer:
             outputs = await self._start(dataclasses.replace(to_request(req), request_id=rid))
         except RequestError as e:
             self.requests.request(route, e.status)
-            response = error_response(e)
-            response.headers.update(headers)
-            return response
+            return error_response(e, headers)
         self.requests.request(route, 200)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -243,17 +247,9 @@ class LLMServer:
             )
         try:
             items = [item async for item in outputs]
-        except EngineDeadError as e:
-            log.error("request %s: engine failed mid-request: %s", rid, e)
-            response = error_response(self._failed_mid_request(rid))
-            response.headers.update(headers)
-            return response
+        except RequestError as e:  # the model failed mid-request
+            return error_response(e, headers)
         return JSONResponse(shape.full(items, rid, self.model_name, self.created), headers=headers)
-
-    @staticmethod
-    def _failed_mid_request(rid: str) -> RequestError:
-        return RequestError.unavailable(f"the model failed while answering (request id {rid}); retry",
-                                        retry_after=1, code="engine_failed")  # fmt: skip
 
     async def _sse(self, outputs: AsyncIterator[RequestOutput], shape, rid: str, include_usage: bool) -> AsyncIterator[str]:
         last = None
@@ -261,10 +257,8 @@ class LLMServer:
             async for item in outputs:
                 yield f"data: {json.dumps(shape.chunk(item, rid, self.model_name, self.created, first=last is None))}\n\n"
                 last = item
-        except EngineDeadError as e:  # never a silently cut stream: an error event, then the end
-            log.error("request %s: engine failed mid-stream: %s", rid, e)
-            err = self._failed_mid_request(rid)
-            yield f"data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\n"
+        except RequestError as e:  # never a silently cut stream: an error event, then the end
+            yield f"data: {json.dumps(error_body(e.message, e.type, code=e.code))}\n\n"
             yield "data: [DONE]\n\n"
             return
         if include_usage:
@@ -308,16 +302,13 @@ class LLMServer:
 
     # -- gRPC (method names are the RPC names in deployments/proto/shardserve.proto) ---------
     async def _grpc_start(self, request: pb.GenerateRequest, grpc_context, route: str, rid: str) -> AsyncIterator[RequestOutput]:
-        try:
-            self._authorize(dict(grpc_context.invocation_metadata()).get("authorization"))
-            body, model_cls = grpc_request_body(request, self.model_name)
-            self._check_model(body["model"])
-            req = validate(body, model_cls)
-            generate = chat_request(req) if model_cls is ChatCompletionRequest else completion_request(req)
-            outputs = await self._start(dataclasses.replace(generate, request_id=rid))
-        except RequestError as e:
-            self._grpc_refuse(grpc_context, e, route)
-            raise
+        """The deltas of a gRPC request; raises RequestError, which the caller reports (_grpc_refuse)."""
+        self._authorize(dict(grpc_context.invocation_metadata()).get("authorization"))
+        body, model_cls = grpc_request_body(request, self.model_name)
+        self._check_model(body["model"])
+        req = validate(body, model_cls)
+        generate = chat_request(req) if model_cls is ChatCompletionRequest else completion_request(req)
+        outputs = await self._start(dataclasses.replace(generate, request_id=rid))
         self.requests.request(route, grpc.StatusCode.OK.name)
         return outputs
 
@@ -330,11 +321,7 @@ class LLMServer:
         rid = uuid.uuid4().hex
         try:
             outputs = await self._grpc_start(request, grpc_context, "Generate", rid)
-            try:
-                items = [item async for item in outputs]
-            except EngineDeadError as e:
-                log.error("request %s: engine failed mid-request: %s", rid, e)
-                raise self._failed_mid_request(rid) from None
+            items = [item async for item in outputs]
         except RequestError as e:
             self._grpc_refuse(grpc_context, e, "Generate")
             return pb.GenerateResponse()
@@ -342,16 +329,15 @@ class LLMServer:
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateResponse]:
         # With no message sent, Serve only reports a code that comes with an exception, so a refusal propagates.
+        # A model failing mid-stream ends it the same way, with UNAVAILABLE, not as if it were complete.
         rid = uuid.uuid4().hex
-        outputs = await self._grpc_start(request, grpc_context, "GenerateStream", rid)
         try:
+            outputs = await self._grpc_start(request, grpc_context, "GenerateStream", rid)
             async for item in outputs:
                 yield grpc_response([item], rid, self.model_name)
-        except EngineDeadError as e:  # the stream ends with UNAVAILABLE, not as if it were complete
-            log.error("request %s: engine failed mid-stream: %s", rid, e)
-            err = self._failed_mid_request(rid)
-            self._grpc_refuse(grpc_context, err, "GenerateStream")
-            raise err from None
+        except RequestError as e:
+            self._grpc_refuse(grpc_context, e, "GenerateStream")
+            raise
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
         try:

@@ -57,8 +57,10 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(e: RequestError) -> JSONResponse:
-    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+def error_response(e: RequestError, headers: dict | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if e.retry_after is not None:
+        headers["Retry-After"] = str(e.retry_after)
     return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=headers)
 
 
