@@ -259,7 +259,7 @@ class LLMEngine:
             req.migrations += 1
             if req.migrations > limit:
                 self._fail(request_id, EngineDeadError(f"past max_migrations ({limit}): {error}"))
-        if self.config.max_migrations == 0:
+        if limit == 0:
             return False
         self.recovering = True
         try:

@@ -88,18 +88,19 @@ class Gang:
     def restart(self, num_blocks: int, timeout_s: float) -> None:
         """Replace every worker of a broken gang with a new one in the same bundles, with an empty KV
         cache of `num_blocks`. Blocking; raises GangError when the new gang is not ready in time."""
-        for w in self.workers:  # a hung worker would hold its bundle (and its collective) forever
-            ray.kill(w)
-        self.workers = []
+        self._kill_workers()  # a hung worker would hold its bundle (and its collective) forever
         try:
             self._start_workers(timeout_s, load_timeout_s=timeout_s)
-            ray.get([w.init_cache.remote(num_blocks) for w in self.workers], timeout=timeout_s)
+            self.init_cache(num_blocks, timeout_s)
         except Exception as e:
-            for w in self.workers:
-                ray.kill(w)
-            self.workers = []
+            self._kill_workers()
             raise GangError(f"could not restart the gang: {e}") from e
         self.broken = None
+
+    def _kill_workers(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
 
     def _wire(self, timeout_s: float) -> None:
         nodes = ray.get([w.node_address.remote() for w in self.workers], timeout=timeout_s)
@@ -121,8 +122,8 @@ class Gang:
         )
         ray.get([w.release_shm_segment.remote() for w in self.workers])
 
-    def init_cache(self, num_blocks: int) -> None:
-        ray.get([w.init_cache.remote(num_blocks) for w in self.workers])
+    def init_cache(self, num_blocks: int, timeout_s: float | None = None) -> None:
+        ray.get([w.init_cache.remote(num_blocks) for w in self.workers], timeout=timeout_s)
 
     async def execute(self, step: StepInput) -> SampleOutput:
         """Run one step on every worker; only the last stage's tp_rank 0 returns anything."""
@@ -152,9 +153,7 @@ class Gang:
                 ray.get([w.shutdown.remote() for w in self.workers], timeout=10)
             except Exception as e:  # dead or hung workers are killed below anyway
                 log.debug("worker shutdown failed: %s", e)
-        for w in self.workers:
-            ray.kill(w)
-        self.workers = []
+        self._kill_workers()
         if self._own_pg and self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None

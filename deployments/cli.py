@@ -292,7 +292,8 @@ class _StopSignals:
 
     def __init__(self):
         self.count = 0
-        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+        self._previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        self.take_back()
 
     def take_back(self) -> None:
         """Handle the signals again: starting Ray installs its own SIGTERM handler, which exits at once."""
