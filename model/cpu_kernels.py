@@ -9,12 +9,16 @@ up front (`python -m model.cpu_kernels`). Where it cannot be built, or with
 SHARDSERVE_CPU_KERNELS=0, the model runs in plain torch: same results up to float rounding, slower.
 
 The library is named after the CPU's vector extension, so a cache built on an AVX-512 machine is
-never loaded on one without it. A build killed half-way leaves a `lock` file in its build
-directory that makes the next build wait for ever: delete that directory.
+never loaded on one without it, and after a digest of what goes into the build (the sources'
+contents, the flags, torch's version) but not of where the sources lie: a library compiled into
+an image at one path is loaded as it is by workers that import shardserve from another. A build
+killed half-way leaves a `lock` file in its build directory that makes the next build wait for
+ever: delete that directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -27,7 +31,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp")]
+HEADERS = [CSRC / "float_convert.h"]
 OPS = ("paged_decode_attention", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary", "gemv")
 SWITCH = "SHARDSERVE_CPU_KERNELS"
 # -fopenmp: at::parallel_for is an OpenMP loop compiled into the library; it links libgomp.so.1,
@@ -43,6 +49,8 @@ ISA_FLAGS = {
 
 _loaded: bool | None = None
 _lock = threading.Lock()
+# How load() got the library: "cache" (a library built before, loaded as it is) or "built".
+how_loaded: str | None = None
 
 
 def enabled() -> bool:
@@ -72,15 +80,36 @@ def load() -> bool:
         return _loaded
 
 
-def _build_and_load() -> bool:
-    capability = torch.backends.cpu.get_cpu_capability()
-    name = "shardserve_cpu_" + re.sub(r"\W", "_", capability.lower())
-    _put_ninja_on_path()
-    try:
-        from torch.utils.cpp_extension import load as build
+def library_name(capability: str) -> str:
+    """The cache key: the vector extension and a digest of the build's inputs, never their path."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for flag in BASE_FLAGS + ISA_FLAGS.get(capability, []):
+        digest.update(b"\0" + flag.encode())
+    for path in sorted(SOURCES + HEADERS):
+        digest.update(b"\0" + path.name.encode() + b"\0" + path.read_bytes())
+    isa = re.sub(r"\W", "_", capability.lower())
+    return f"shardserve_cpu_{isa}_{digest.hexdigest()[:12]}"
 
-        build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=BASE_FLAGS + ISA_FLAGS.get(capability, []),
-              extra_ldflags=["-fopenmp"], is_python_module=False)
+
+def _build_and_load() -> bool:
+    global how_loaded
+    capability = torch.backends.cpu.get_cpu_capability()
+    name = library_name(capability)
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load as build
+
+        # A library of this name was built from these very inputs: load it without torch's build
+        # step, whose ninja file names the source paths and would compile again at a new path.
+        build_dir = Path(_get_build_directory(name, verbose=False))
+        library = build_dir / f"{name}.so"
+        if library.exists() and not (build_dir / "lock").exists():  # (a lock: a build under way)
+            torch.ops.load_library(str(library))
+            how_loaded = "cache"
+        else:
+            _put_ninja_on_path()
+            build(name=name, sources=[str(s) for s in SOURCES], extra_cflags=BASE_FLAGS + ISA_FLAGS.get(capability, []),
+                  extra_ldflags=["-fopenmp"], is_python_module=False)
+            how_loaded = "built"
     except Exception as e:  # no compiler, no ninja, a failed build: fall back, but say why
         reason = str(e).strip().splitlines()
         log.warning("CPU kernels unavailable, the model runs in plain torch: %s", reason[0] if reason else type(e).__name__)
@@ -105,7 +134,7 @@ def main() -> int:
         print(f"CPU kernels disabled by {SWITCH}=0")
         return 0
     if load():
-        print(f"CPU kernels ready ({time.perf_counter() - start:.1f} s)")
+        print(f"CPU kernels ready ({how_loaded}, {time.perf_counter() - start:.1f} s)")
         return 0
     print("CPU kernels could not be built; the model will run in plain torch", file=sys.stderr)
     return 1
