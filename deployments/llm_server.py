@@ -198,7 +198,7 @@ class LLMServer:
                 while True:
                     timer.tokens(time.monotonic(), len(item.token_ids))
                     if item.finished:
-                        timer.finished(time.monotonic(), item.prompt_tokens)
+                        timer.finished(time.monotonic(), item.prompt_tokens, item.finish_reason)
                     yield item
                     if item.finished:
                         return

@@ -1,4 +1,5 @@
-"""After some requests, Ray's Prometheus export has every shardserve metric with non-zero values."""
+"""After some requests, Ray's Prometheus export has every shardserve metric (vLLM's names where vLLM has
+one) with non-zero values."""
 
 from __future__ import annotations
 
@@ -13,27 +14,32 @@ SYSTEM = "Answer in the voice of a lighthouse keeper who has seen every storm. "
 
 EXPECTED = [
     "ray_shardserve_requests_total",
-    "ray_shardserve_time_to_first_token_seconds_count",
-    "ray_shardserve_inter_token_latency_seconds_count",
-    "ray_shardserve_request_latency_seconds_count",
-    "ray_shardserve_prompt_tokens_total",
-    "ray_shardserve_generation_tokens_total",
-    "ray_shardserve_running_sequences",
-    "ray_shardserve_waiting_sequences",
-    "ray_shardserve_kv_cache_usage",
+    "ray_vllm_time_to_first_token_seconds_count",
+    "ray_vllm_inter_token_latency_seconds_count",
+    "ray_vllm_request_time_per_output_token_seconds_count",
+    "ray_vllm_e2e_request_latency_seconds_count",
+    "ray_vllm_request_prompt_tokens_count",
+    "ray_vllm_request_generation_tokens_count",
+    "ray_vllm_prompt_tokens_total",
+    "ray_vllm_generation_tokens_total",
+    "ray_vllm_request_success_total",
+    "ray_vllm_num_requests_running",
+    "ray_vllm_num_requests_waiting",
+    "ray_vllm_kv_cache_usage_perc",
     "ray_shardserve_engine_utilization",
-    "ray_shardserve_prefix_cache_hit_tokens_total",
-    "ray_shardserve_prefix_cache_query_tokens_total",
+    "ray_vllm_prefix_cache_hits_total",
+    "ray_vllm_prefix_cache_queries_total",
     "ray_shardserve_prefill_tokens_computed_total",
-    "ray_shardserve_preemptions_total",
+    "ray_vllm_num_preemptions_total",
 ]
 # Gauges of an engine that has gone idle read zero; they must still be exported.
 MAY_BE_ZERO = {
-    "ray_shardserve_running_sequences",
-    "ray_shardserve_waiting_sequences",
-    "ray_shardserve_kv_cache_usage",
+    "ray_vllm_num_requests_running",
+    "ray_vllm_num_requests_waiting",
+    "ray_vllm_kv_cache_usage_perc",
     "ray_shardserve_engine_utilization",
 }
+PREFIXES = ("ray_shardserve_", "ray_vllm_")
 
 
 def scrape() -> dict[str, float]:
@@ -42,7 +48,7 @@ def scrape() -> dict[str, float]:
     for node in ray.nodes():
         text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10).text
         for line in text.splitlines():
-            if line.startswith("ray_shardserve_"):
+            if line.startswith(PREFIXES):
                 name = line.split("{")[0].split(" ")[0]
                 totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return totals

@@ -1,6 +1,6 @@
 """The Grafana dashboard charts exactly the metrics deployments/metrics.py defines (no Ray needed).
 
-metrics.py is read with ``ast``, not imported: each string literal ``"shardserve_..."`` passed as
+metrics.py is read with ``ast``, not imported: each string literal ``"shardserve_..."`` or ``"vllm_..."`` passed as
 the first argument to ``metrics.Counter/Gauge/Histogram`` or to the local ``counter/gauge/histogram``
 helpers is a metric, its type is the callee's name and its labels are the ``tag_keys`` of its class.
 """
@@ -17,41 +17,29 @@ DASHBOARD = json.loads((REPO / "k8s/grafana/shardserve.json").read_text())
 DATASOURCE = "${datasource}"
 # What Ray's Prometheus exporter appends to each type's name.
 SUFFIXES = {"counter": {"_total"}, "gauge": {""}, "histogram": {"_bucket", "_sum", "_count"}}
-SERIES = re.compile(r"ray_(shardserve_[a-z_]+)(\{[^}]*\})?")
+METRIC = r"(?:shardserve|vllm)_[a-z0-9_]+"
+SERIES = re.compile(rf"ray_({METRIC})(\{{[^}}]*\}})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 
 
-def _tag_keys(node: ast.expr, class_consts: dict[str, ast.expr]) -> set[str]:
-    if isinstance(node, ast.Attribute) and node.attr in class_consts:  # self.TAGS
-        node = class_consts[node.attr]
-    return set(ast.literal_eval(node))
-
-
 def defined_metrics() -> dict[str, tuple[str, frozenset[str]]]:
-    """{name: (type, labels)} for every metric created in deployments/metrics.py."""
+    """{name: (type, labels)} for every metric created in deployments/metrics.py: a call's labels are its
+    own ``tag_keys``, else (the local helpers) its class's ``TAGS``."""
     tree = ast.parse((REPO / "deployments/metrics.py").read_text())
     out = {}
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-        consts = {
-            t.id: stmt.value
-            for stmt in cls.body
-            if isinstance(stmt, ast.Assign)
-            for t in stmt.targets
-            if isinstance(t, ast.Name)
-        }
-        calls = [n for n in ast.walk(cls) if isinstance(n, ast.Call)]
-        labels = frozenset().union(
-            *(_tag_keys(kw.value, consts) for c in calls for kw in c.keywords if kw.arg == "tag_keys")
-        )
-        for call in calls:
+        consts = {t.id: stmt.value for stmt in cls.body if isinstance(stmt, ast.Assign)
+                  for t in stmt.targets if isinstance(t, ast.Name)}  # fmt: skip
+        for call in (n for n in ast.walk(cls) if isinstance(n, ast.Call)):
             if not (call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
                 continue
             name = call.args[0].value
-            if not name.startswith("shardserve_"):
+            if not re.fullmatch(METRIC, name):
                 continue
             callee = call.func.attr if isinstance(call.func, ast.Attribute) else call.func.id
             assert callee.lower() in SUFFIXES, f"{name}: made by {callee}(), not a counter, gauge or histogram"
-            out[name] = (callee.lower(), labels)
+            (tags,) = [kw.value for kw in call.keywords if kw.arg == "tag_keys"] or [consts["TAGS"]]
+            out[name] = (callee.lower(), frozenset(ast.literal_eval(tags)))
     return out
 
 
@@ -73,13 +61,22 @@ def base_name(exported: str) -> str:
 
 
 def test_metrics_py_is_parsed():
-    # Every "shardserve_..." name in the file was found as a metric, so none is made in a way this test misses.
+    # Every metric name in the file was found as a metric, so none is made in a way this test misses.
     source = (REPO / "deployments/metrics.py").read_text()
-    assert set(re.findall(r'"(shardserve_[a-z_]+)"', source)) == set(DEFINED)
-    assert len(DEFINED) >= 14
-    assert DEFINED["shardserve_requests"] == ("counter", {"model", "route", "status"})
-    assert DEFINED["shardserve_time_to_first_token_seconds"] == ("histogram", {"model", "replica"})
-    assert DEFINED["shardserve_running_sequences"] == ("gauge", {"model", "replica"})
+    assert set(re.findall(rf'"({METRIC})"', source)) == set(DEFINED)
+    assert DEFINED["shardserve_requests"] == ("counter", {"model_name", "route", "status"})
+    assert DEFINED["vllm_time_to_first_token_seconds"] == ("histogram", {"model_name", "replica"})
+    assert DEFINED["vllm_num_requests_running"] == ("gauge", {"model_name", "replica"})
+    assert DEFINED["vllm_request_success"] == ("counter", {"model_name", "replica", "finished_reason"})
+
+
+def test_vllms_metric_names_as_ray_exports_them():
+    # vLLM's set (vllm:NAME), with ':' → '_' as Ray Serve LLM exports vLLM's own metrics through Ray.
+    vllm = {"num_requests_running": "gauge", "num_requests_waiting": "gauge", "kv_cache_usage_perc": "gauge",
+            "time_to_first_token_seconds": "histogram", "inter_token_latency_seconds": "histogram",
+            "e2e_request_latency_seconds": "histogram", "prompt_tokens": "counter", "generation_tokens": "counter",
+            "prefix_cache_queries": "counter", "prefix_cache_hits": "counter", "num_preemptions": "counter"}  # fmt: skip
+    assert {name: DEFINED["vllm_" + name][0] for name in vllm} == vllm
 
 
 def test_every_charted_metric_exists_and_every_metric_is_charted():
@@ -97,7 +94,7 @@ def test_series_use_the_exported_name_and_the_model_and_replica_filters():
             suffix = exported[len(base_name(exported)) :]
             assert suffix in SUFFIXES[kind], f"{title}: a {kind} is exported with {SUFFIXES[kind]}, not {exported!r}"
             matchers = {label: (op, value) for label, op, value in MATCHER.findall(selector)}
-            assert matchers.get("model") == ("=~", "$model"), f"{title}: {exported} lacks model=~\"$model\""
+            assert matchers.get("model_name") == ("=~", "$model"), f"{title}: {exported} lacks model_name=~\"$model\""
             if "replica" in labels:
                 assert matchers.get("replica") == ("=~", "$replica"), f"{title}: {exported} lacks replica=~\"$replica\""
             allowed = labels | ({"le"} if kind == "histogram" else set())
@@ -135,4 +132,5 @@ def test_dashboard_identity_rows_and_variables():
     for name in ("model", "replica"):
         v = variables[name]
         assert v["datasource"]["uid"] == DATASOURCE
-        assert re.fullmatch(rf"label_values\(ray_shardserve_running_sequences(\{{.*\}})?, {name}\)", v["query"]["query"])
+        label = {"model": "model_name"}.get(name, name)
+        assert re.fullmatch(rf"label_values\(ray_vllm_num_requests_running(\{{.*\}})?, {label}\)", v["query"]["query"])
