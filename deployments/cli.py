@@ -398,6 +398,11 @@ def _add_k8s_commands(parent) -> None:
     render.add_argument("--models-mount", default="/models", help="where that PVC is mounted in worker pods")
     render.add_argument("--api-key-secret", default=None, help="Secret whose key 'api_key' requests must present "
                         "(mounted into worker pods; the key never enters serveConfigV2)")  # fmt: skip
+    render.add_argument("--hf-token-secret", default=None, help="Secret whose key 'token' is HF_TOKEN for a Hugging "
+                        "Face model ID (optional in the pod, so public models start without it)")  # fmt: skip
+    render.add_argument("--hf-cache-host-path", default="/var/cache/shardserve/huggingface",
+                        help="node directory (hostPath) for the Hugging Face cache (HF_HOME) of a model ID, "
+                        "shared by the node's pods")  # fmt: skip
     render.set_defaults(func=cmd_k8s_render)
 
     check = sub.add_parser("check", help="validate RayService manifests: CRD schema, Serve config, resource fit")

@@ -15,6 +15,7 @@ from deployments.k8s.checks import operator_rule_errors
 from deployments.k8s.fit import Resources, check_resource_fit, pods_needed, replica_units, serve_replica_range
 from deployments.k8s.serve_config import cluster_serve_config
 from deployments.placement import ROUTER_CPUS
+from model.sources import HUB_ID
 
 IMAGE_VERSION = "0.1.0"  # the shardserve version baked into the placeholder image tags
 RAY_VERSION = version("ray")  # the cluster runs the Ray this package pins
@@ -30,6 +31,14 @@ AUTOSCALER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
 SHM_VOLUME = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
 SHM_MOUNT = {"name": "dshm", "mountPath": "/dev/shm"}
 API_KEY_MOUNT, API_KEY_ITEM = "/var/run/secrets/shardserve", "api_key"  # where replicas find the API key
+# A Hub model ID is downloaded into HF_HOME; on a hostPath every pod of a node shares one download, and a
+# restarted pod finds it there. HF_TOKEN (gated models) comes from the Secret's key "token".
+HF_CACHE_HOST_PATH, HF_CACHE_MOUNT = "/var/cache/shardserve/huggingface", "/var/cache/huggingface"
+HF_TOKEN_ITEM = "token"
+HF_CACHE_MOUNT_SPEC = {"name": "hf-cache", "mountPath": HF_CACHE_MOUNT}
+# Ways a token could be written into serveConfigV2 in plain text (huggingface_hub reads both names).
+HF_TOKEN_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+INIT_RESOURCES = {"cpu": "100m", "memory": "64Mi"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,8 @@ class RenderOptions:
     models_pvc: str = "shardserve-models"
     models_mount: str = "/models"
     api_key_secret: str | None = None
+    hf_token_secret: str | None = None
+    hf_cache_host_path: str = HF_CACHE_HOST_PATH
 
     def command(self) -> str:
         """The command line that renders exactly this manifest (it goes into the header)."""
@@ -73,13 +84,19 @@ class RenderOptions:
             parts.append("--gpu")
         defaults = RenderOptions(config=self.config)
         for field in ("name", "image", "head_cpus", "head_memory", "worker_cpus", "worker_memory", "worker_gpus",
-                      "models_pvc", "models_mount", "api_key_secret"):  # fmt: skip
+                      "models_pvc", "models_mount", "api_key_secret", "hf_token_secret",
+                      "hf_cache_host_path"):  # fmt: skip
             value = getattr(self, field)
             if value != getattr(defaults, field):
                 parts += ["--" + field.replace("_", "-"), str(value)]
         if self.out:
             parts += ["--out", self.out]
         return shlex.join(parts)
+
+
+def is_hub_model(config: AppConfig) -> bool:
+    """`model` is a Hugging Face model ID (org/name[@revision]), fetched by the pods that load it."""
+    return config.model is not None and HUB_ID.match(config.model) is not None
 
 
 def _shapes(opts: RenderOptions, config: AppConfig) -> tuple[PodShape, PodShape]:
@@ -122,6 +139,14 @@ def build_rayservice(serve_config: dict, opts: RenderOptions) -> tuple[dict, App
     if config.api_key is not None:
         raise ConfigError(f"{opts.config}: api_key would stand in plain text in serveConfigV2; put the key in a "
                           "Secret and render with --api-key-secret NAME")  # fmt: skip
+    env_vars = (serve_cfg["applications"][0].get("runtime_env") or {}).get("env_vars") or {}
+    if plain := [name for name in HF_TOKEN_ENV_NAMES if name in env_vars]:
+        raise ConfigError(f"{opts.config}: runtime_env.env_vars.{plain[0]} would stand in plain text in serveConfigV2; "
+                          "put the token in a Secret and render with --hf-token-secret NAME")  # fmt: skip
+    hub = is_hub_model(config)
+    if opts.hf_token_secret and not hub:
+        raise ConfigError(f"{opts.config}: --hf-token-secret needs a Hugging Face model ID (org/name) as model, "
+                          f"got {config.model!r}")  # fmt: skip
     if opts.api_key_secret:  # each replica reads the key from the mounted Secret
         serve_cfg["applications"][0]["args"]["api_key_file"] = f"{API_KEY_MOUNT}/{API_KEY_ITEM}"
     gpu = config.device == "cuda"
@@ -170,6 +195,24 @@ def build_rayservice(serve_config: dict, opts: RenderOptions) -> tuple[dict, App
         worker_container["volumeMounts"].append({"name": "models", "mountPath": mount, "readOnly": True})
         claim = {"claimName": opts.models_pvc, "readOnly": True}
         worker_pod["volumes"].append({"name": "models", "persistentVolumeClaim": claim})
+    if hub:  # the replica's engine and its workers (worker pods only: the head runs no model) fetch the ID
+        worker_container["env"] = worker_container["env"] + [{"name": "HF_HOME", "value": HF_CACHE_MOUNT}]
+        if opts.hf_token_secret:  # optional: a public model needs no token, and the pod starts without the Secret
+            ref = {"name": opts.hf_token_secret, "key": HF_TOKEN_ITEM, "optional": True}
+            worker_container["env"].append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
+        worker_container["volumeMounts"].append(HF_CACHE_MOUNT_SPEC)
+        host_path = {"path": opts.hf_cache_host_path, "type": "DirectoryOrCreate"}
+        worker_pod["volumes"].append({"name": "hf-cache", "hostPath": host_path})
+        # The kubelet creates the directory owned by root; the image runs as ray, which must write there.
+        worker_pod["initContainers"] = [{
+            "name": "hf-cache-owner",
+            "image": image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["chown", "ray:users", HF_CACHE_MOUNT],
+            "securityContext": {"runAsUser": 0},
+            "resources": {"limits": dict(INIT_RESOURCES), "requests": dict(INIT_RESOURCES)},  # keeps the pod Guaranteed
+            "volumeMounts": [HF_CACHE_MOUNT_SPEC],
+        }]  # fmt: skip
     if gpu:
         worker_pod["tolerations"] = GPU_TOLERATIONS
 
@@ -234,6 +277,11 @@ def _header(opts: RenderOptions, doc: dict, config: AppConfig) -> str:
     ]
     if config.model is not None and Path(config.model).is_absolute():
         lines.append(f"Weights: {config.model} comes from the PVC {opts.models_pvc!r} mounted at {opts.models_mount}.")
+    if is_hub_model(config):
+        lines.append(f"Weights: {config.model} is downloaded once per node into the hostPath")
+        lines.append(f"{opts.hf_cache_host_path} (HF_HOME={HF_CACHE_MOUNT} in the worker pods).")
+    if opts.hf_token_secret:
+        lines.append(f"HF token: the Secret {opts.hf_token_secret!r} (key {HF_TOKEN_ITEM!r}); a gated model needs it.")
     if opts.api_key_secret:
         lines.append(f"API key: the Secret {opts.api_key_secret!r} (key {API_KEY_ITEM!r}) must exist before apply.")
     return "".join(f"# {line}\n" for line in lines)

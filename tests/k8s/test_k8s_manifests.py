@@ -152,6 +152,86 @@ def test_the_api_key_comes_from_a_secret_and_never_stands_in_the_manifest(tmp_pa
         k8s.render_file(k8s.RenderOptions(config=str(plain)))
 
 
+GPU_MANIFESTS = [p for p in MANIFESTS if "gpu" in p.name]
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("path", GPU_MANIFESTS, ids=lambda p: p.name)
+def test_the_hf_token_comes_from_a_secret_and_the_cache_from_the_node(path):
+    """A Hub model ID: every container that loads the model (the worker pods': the head runs none) gets
+    HF_TOKEN by reference to a Secret and HF_HOME on a hostPath volume, shared by the node's pods."""
+    text = path.read_text()
+    doc = load(path)
+    c = cluster(doc)
+    assert serve_config(doc)["applications"][0]["args"]["model"] == "meta-llama/Meta-Llama-3-8B-Instruct"
+    for group in c["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        for ctr in pod["containers"]:
+            env = _env(ctr)
+            ref = {"name": "shardserve-hf-token", "key": "token", "optional": True}  # public models start without it
+            assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}}
+            home = env["HF_HOME"]["value"]
+            (mount,) = [m for m in ctr["volumeMounts"] if m["mountPath"] == home]
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            assert volume["hostPath"] == {"path": "/var/cache/shardserve/huggingface", "type": "DirectoryOrCreate"}
+        # The kubelet creates the directory as root; an init container hands it to the image's user.
+        (init,) = pod["initContainers"]
+        assert init["command"] == ["chown", "ray:users", home] and init["securityContext"] == {"runAsUser": 0}
+        assert init["resources"]["limits"] == init["resources"]["requests"]  # the pod stays Guaranteed
+    head = c["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert not {"HF_TOKEN", "HF_HOME"} & _env(head).keys()
+    # No token value anywhere: not in serveConfigV2, not as an env value.
+    assert "HF_TOKEN" not in doc["spec"]["serveConfigV2"]
+    assert not re.search(r"hf_[A-Za-z0-9]{8,}", text)
+    assert "--hf-token-secret shardserve-hf-token" in text.splitlines()[0]
+
+
+def _gpu_config(tmp_path, **args) -> str:
+    cfg = load(REPO / "k8s/configs/gpu-tp.yaml")
+    cfg["applications"][0]["args"].update(args)
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_a_path_model_keeps_the_pvc_and_gets_no_hf_settings(tmp_path):
+    config = _gpu_config(tmp_path, model="/models/Meta-Llama-3-8B-Instruct")
+    doc = yaml.safe_load(k8s.render_file(k8s.RenderOptions(config=config, gpu=True)))
+    pod = cluster(doc)["workerGroupSpecs"][0]["template"]["spec"]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "shardserve-models", "readOnly": True}} in pod["volumes"]
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert "hf-cache" not in [v["name"] for v in pod["volumes"]] and "initContainers" not in pod
+    assert not {"HF_TOKEN", "HF_HOME"} & _env(pod["containers"][0]).keys()
+    with pytest.raises(ConfigError, match="--hf-token-secret needs a Hugging Face model ID"):
+        k8s.render_file(k8s.RenderOptions(config=config, gpu=True, hf_token_secret="shardserve-hf-token"))
+
+
+def test_a_public_model_id_needs_no_secret_and_the_cache_path_is_a_flag(tmp_path):
+    config = _gpu_config(tmp_path, model="Qwen/Qwen2.5-0.5B-Instruct@main")
+    opts = k8s.RenderOptions(config=config, gpu=True, hf_cache_host_path="/mnt/nvme/hf")
+    doc = yaml.safe_load(k8s.render_file(opts))
+    pod = cluster(doc)["workerGroupSpecs"][0]["template"]["spec"]
+    env = _env(pod["containers"][0])
+    assert "HF_TOKEN" not in env and "HF_HOME" in env
+    assert {"name": "hf-cache", "hostPath": {"path": "/mnt/nvme/hf", "type": "DirectoryOrCreate"}} in pod["volumes"]
+    assert "--hf-cache-host-path /mnt/nvme/hf" in opts.command()
+    k8s.check_manifest(doc)
+
+
+@pytest.mark.parametrize("name", ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"])
+def test_render_refuses_a_plain_hf_token_in_one_line(tmp_path, capsys, name):
+    cfg = load(REPO / "k8s/configs/gpu-tp.yaml")
+    cfg["applications"][0]["runtime_env"] = {"env_vars": {name: "hf_plainplainplain"}}
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli_main(["k8s", "render", "--config", str(path), "--gpu"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--hf-token-secret" in err and "hf_plain" not in err
+
+
 def test_cpu_config_is_the_local_config_made_cluster_ready():
     local = load(REPO / "deployments/configs/local.yaml")["applications"][0]["args"]
     cpu = load(REPO / "k8s/configs/cpu.yaml")["applications"][0]["args"]
@@ -217,8 +297,8 @@ def test_gpu_clusters(name, tp, pp, pods):
     args = serve_config(doc)["applications"][0]["args"]
     layout = (args["device"], args["dtype"], args["tensor_parallel_size"], args["pipeline_parallel_size"])
     assert layout == ("cuda", "bfloat16", tp, pp)
-    assert args["model"].startswith("/models/")
-    assert {"name": "models", "mountPath": "/models", "readOnly": True} in spec["containers"][0]["volumeMounts"]
+    assert args["model"] == "meta-llama/Meta-Llama-3-8B-Instruct"  # a Hub ID: fetched once per node, no PVC to fill
+    assert "models" not in [v["name"] for v in spec["volumes"]]
     report = k8s.check_resource_fit(doc)
     assert report["strategy"] == ("STRICT_PACK" if pp == 1 else "PACK")
     assert len(report["units"]) == (1 if pp == 1 else pp)
@@ -443,7 +523,7 @@ def test_k8s_subcommands_through_the_cli_parser(monkeypatch, capsys):
     parser = build_parser()
     args = parser.parse_args(
         ["k8s", "render", "--config", "k8s/configs/gpu-tp.yaml", "--gpu", "--api-key-secret", "shardserve-api-key",
-         "--out", "k8s/rayservice-gpu-tp.yaml"]
+         "--hf-token-secret", "shardserve-hf-token", "--out", "k8s/rayservice-gpu-tp.yaml"]
     )
     monkeypatch.setattr(Path, "write_text", lambda self, text: print(text, end=""))  # keep the committed file
     assert args.func(args) == 0
@@ -479,5 +559,5 @@ def test_every_ray_container_runs_serve_behind_haproxy(path):
     c = cluster(load(path))
     pods = [c["headGroupSpec"]] + c["workerGroupSpecs"]
     for pod in pods:
-        env = {e["name"]: e["value"] for e in pod["template"]["spec"]["containers"][0].get("env", [])}
+        env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0].get("env", [])}
         assert SERVE_ENV.items() <= env.items(), pod.get("groupName", "head")
