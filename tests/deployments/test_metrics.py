@@ -1,14 +1,17 @@
 """After some requests, Ray's Prometheus export has every shardserve metric (vLLM's names where vLLM has
-one) with non-zero values."""
+one) with non-zero values, and a Prometheus run as `shardserve monitor` runs it holds them."""
 
 from __future__ import annotations
 
 import time
 
 import httpx
+import pytest
 import ray
 
+from deployments import monitor
 from tests.deployments.served_app import AUTH, greedy_chat, post_chats
+from tests.ports import free_port
 
 SYSTEM = "Answer in the voice of a lighthouse keeper who has seen every storm. " * 6
 
@@ -69,3 +72,30 @@ def test_metrics_reach_rays_prometheus_export(served):
             break
         time.sleep(2)
     assert not missing, {m: totals.get(m) for m in missing}
+
+
+@pytest.mark.skipif(monitor.find_prometheus() is None, reason="no prometheus on PATH (make's set-up installs it as root)")
+def test_prometheus_from_shardserve_monitor_holds_shardserve_series(served, tmp_path):
+    # Prometheus as `shardserve monitor` runs it, over this session's nodes (this test cluster runs
+    # without the dashboard that writes the target file, so the test writes it as the dashboard does).
+    targets = tmp_path / monitor.TARGETS_FILE
+    nodes = [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes() if n["Alive"]]
+    monitor.write_targets(targets, nodes)
+    post_chats(served.http, [greedy_chat(SYSTEM, "storm watch", max_tokens=8)])
+    port = free_port()
+    prometheus = monitor.start_prometheus(monitor.find_prometheus(), tmp_path / "monitor", targets, "127.0.0.1", port, 1)
+    url = f"http://127.0.0.1:{port}"
+    wanted = ["ray_vllm_generation_tokens_total", "ray_vllm_time_to_first_token_seconds_count",
+              "ray_shardserve_requests_total"]  # fmt: skip
+    try:
+        monitor.wait_ready(url, prometheus)
+        deadline = time.monotonic() + 60
+        while True:
+            values = {name: monitor.query(url, f"sum({name})") for name in wanted}
+            if all(values.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert all(v > 0 for v in values.values()), values
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
