@@ -15,6 +15,7 @@ from cluster.parallel import ParallelConfig
 
 DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes: getattr(torch, name)
 DEVICES = ("cpu", "cuda")
+PROGRESS_BARS_ENV = "SHARDSERVE_PROGRESS_BARS"  # "1": `shardserve serve` writes to a terminal; workers draw load bars
 
 
 class EngineConfig(BaseModel):

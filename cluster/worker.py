@@ -12,6 +12,8 @@ wraps it as a Ray actor.
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.comm import GlooGroup, ShmGroup
-from cluster.config import EngineConfig
+from cluster.config import PROGRESS_BARS_ENV, EngineConfig
 from model import cpu_kernels
 from model.attention import AttentionMetadata, allocate_kv_cache, kv_cache_shape
 from model.config import ModelSpec
@@ -137,10 +139,19 @@ class Worker:
             self._own_segment = None
 
     def load(self) -> LoadReport:
+        start = time.monotonic()
         if self.device.type == "cpu":
             cpu_kernels.load()  # compiled attention, element-wise ops, GEMV; plain torch where they cannot be built
+        kernels_s = time.monotonic() - start
+        bar = _WeightsBar(f"rank {self.plan.rank} weights")
         self.model, report = load_model(self.model_dir, self.spec, self.shard, self.tp_group, self.dtype, self.device,
-                                        decode_kernel=self.config.cpu_decode_kernel)  # fmt: skip
+                                        decode_kernel=self.config.cpu_decode_kernel, progress=bar)  # fmt: skip
+        bar.close()
+        s = self.shard
+        kernels = f"CPU kernels {cpu_kernels.how_loaded or 'off'} ({kernels_s:.1f} s), " if self.device.type == "cpu" else ""
+        print(f"shardserve: rank {self.plan.rank} (stage {s.stage + 1}/{s.num_stages}, tp {s.tp_rank + 1}/{s.tp_size}, "
+              f"layers {s.layer_range[0]}-{s.layer_range[1] - 1}): {kernels}weights {report.bytes_read / 2**30:.2f} GiB read "
+              f"in {time.monotonic() - start - kernels_s:.1f} s", flush=True)  # fmt: skip
         return report
 
     def init_cache(self, num_blocks: int) -> None:
@@ -190,3 +201,29 @@ class Worker:
         self.release_shm_segment()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _WeightsBar:
+    """progress(done, total) for load_model: a bar in the driver's terminal when this runs as a Ray
+    actor (Ray's tqdm relays it there); nothing where the output is a log file, which bars garble."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar = None
+        self.done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            import ray
+
+            if os.environ.get(PROGRESS_BARS_ENV) != "1" or not ray.is_initialized():
+                return
+            from ray.experimental import tqdm_ray
+
+            self.bar = tqdm_ray.tqdm(total=total, desc=self.desc, unit="tensors")
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -15,7 +15,7 @@ import types
 import typing
 from pathlib import Path
 
-from cluster.config import EngineConfig
+from cluster.config import PROGRESS_BARS_ENV, EngineConfig
 from deployments.config import SERVE_ENV, AppConfig, Listeners, load_serve_file, parse_app_config
 from model.sampling_params import SamplingParams
 
@@ -178,6 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from deployments.app import build_app, grpc_options, served_name
 
+    if not args.address and sys.stdout.isatty():  # workers inherit it through the local Ray
+        os.environ.setdefault(PROGRESS_BARS_ENV, "1")
     config, listen = _app_config(args)
     if not args.address and config.cpus_per_worker is None:
         config = config.model_copy(update={"cpus_per_worker": local_cpus_per_worker(config, os.cpu_count() or 1)})
@@ -192,14 +194,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ctx = _start_ray(args.address, dashboard=True)
         stop.take_back()
         phase("starting Serve")
-        serve.start(http_options={"host": listen.host, "port": listen.port}, grpc_options=grpc_options(listen))
+        # Serve's own INFO lines (controller, proxies, HAProxy reloads) would bury the phases; its
+        # warnings and errors still show, and every line is in the session's logs.
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # as well this process's Serve client
+        serve.start(http_options={"host": listen.host, "port": listen.port}, grpc_options=grpc_options(listen),
+                    logging_config={"log_level": "WARNING"})  # fmt: skip
         from deployments import drain
 
         drain.clear(APP_NAME)  # a drain an earlier run left unfinished on this cluster
         replicas = config.autoscaling.min_replicas if config.autoscaling else config.num_replicas
         phase(f"starting {replicas} replica(s), each with {config.parallel.world_size} worker(s) that load their "
               "shard of the weights and allocate the KV cache")  # fmt: skip
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING"})
         phase.done()
         url = f"http://{listen.host}:{listen.port}"
         keyed = config.api_key or config.api_key_file

@@ -9,6 +9,7 @@ completely, and every checkpoint key it needs must exist; otherwise loading fail
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,10 +107,13 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
 
 
 def load_model(model_dir: str | Path, spec: ModelSpec, shard: ShardInfo, tp: TPGroup, dtype: torch.dtype,
-               device: torch.device | str, decode_kernel: bool = True) -> tuple[nn.Module, LoadReport]:
+               device: torch.device | str, decode_kernel: bool = True,
+               progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, LoadReport]:  # fmt: skip
     """The shard, filled and, on CPU, packed for oneDNN; with decode_kernel (and the compiled kernels
-    loaded) the loaded weights are kept too, for decode steps through the GEMV (layers.OneDNNPackedLinear)."""
+    loaded) the loaded weights are kept too, for decode steps through the GEMV (layers.OneDNNPackedLinear).
+    progress(done, total) is called after each parameter is filled."""
     model = build_model(spec, shard, tp, dtype)
+    total = len(list(model.parameters()))
     files = checkpoint_files(model_dir)
     report = LoadReport()
     filled: dict[int, nn.Parameter] = {}  # id(meta parameter) -> loaded parameter
@@ -134,6 +138,8 @@ def load_model(model_dir: str | Path, spec: ModelSpec, shard: ShardInfo, tp: TPG
             if count != param.numel():
                 raise ValueError(f"parameter {name} got {count} of its {param.numel()} values from {[r.key for r in refs]}")
             filled[id(meta_param)] = param
+            if progress is not None:
+                progress(len(filled), total)
     for module in model.modules():  # swap in, keeping tied parameters tied
         for pname, p in module._parameters.items():
             if p is not None:

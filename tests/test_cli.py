@@ -197,7 +197,13 @@ def test_serve_stops_gracefully_on_sigterm_and_keeps_its_api_key_secret(tiny_lla
             if "SIGTERM stops it" in line:
                 break
         assert proc.poll() is None, "".join(lines)
-        assert "ray get-auth-token" in "".join(lines)  # how to open the dashboard behind Ray's token auth
+        printed = "".join(lines)
+        assert "ray get-auth-token" in printed  # how to open the dashboard behind Ray's token auth
+        # Start-up feedback: each phase, each rank's load, the KV cache, quiet Serve internals.
+        for phase in ("starting Ray", "starting Serve", "rank 0 (stage 1/1, tp 1/1, layers 0-", "GiB read in",
+                      "KV cache: ", "shardserve: ready after"):  # fmt: skip
+            assert phase in printed, (phase, printed)
+        assert " INFO " not in printed, printed
         session = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         url = f"http://127.0.0.1:{port}/v1/completions"
         assert httpx.post(url, json={"model": "tiny", "prompt": "hi"}, timeout=60).status_code == 401
