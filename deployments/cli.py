@@ -262,6 +262,8 @@ def _preflight(config: AppConfig, listen: Listeners, check_ports: bool) -> None:
     from model.sources import resolve_model
 
     config.parallel.validate(ModelSpec.from_pretrained(resolve_model(config.model)))
+    if check_ports:  # a Ray started here: what this machine has must hold the first replicas
+        _check_local_resources(config)
     ports = [("--port", listen.port), ("--grpc-port", listen.grpc_port)] if check_ports else []
     for flag, port in ports:
         if port is None:
@@ -271,6 +273,26 @@ def _preflight(config: AppConfig, listen: Listeners, check_ports: bool) -> None:
                 s.bind((listen.host, port))
             except OSError as e:
                 raise OSError(f"cannot listen on {listen.host}:{port} ({e.strerror}); choose another with {flag}") from None
+
+
+def _check_local_resources(config: AppConfig) -> None:
+    """Refuses a layout this machine cannot place, which Serve would wait on for ever."""
+    from deployments.placement import ROUTER_CPUS, replica_bundles
+
+    replicas = config.autoscaling.min_replicas if config.autoscaling else config.num_replicas
+    bundles = replica_bundles(config)
+    layout = f"{replicas} replica(s) of tp={config.tensor_parallel_size} x pp={config.pipeline_parallel_size}"
+    cpus = ROUTER_CPUS + replicas * sum(b.get("CPU", 0.0) for b in bundles)
+    if cpus > (os.cpu_count() or 1) + 1e-6:
+        raise ValueError(f"{layout} need {cpus:g} CPUs and this machine has {os.cpu_count()}; "
+                         "lower --cpus-per-worker or the parallel sizes")  # fmt: skip
+    gpus = replicas * sum(b.get("GPU", 0.0) for b in bundles)
+    if gpus:
+        import torch
+
+        if gpus > torch.cuda.device_count():
+            raise ValueError(f"{layout} on cuda need {gpus:g} GPUs and this machine has "
+                             f"{torch.cuda.device_count()}")  # fmt: skip
 
 
 class _Phases:

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from cluster.config import EngineConfig
 from deployments.cli import _app_config, build_parser
@@ -252,6 +253,9 @@ def test_serve_stops_gracefully_on_sigterm_and_keeps_its_api_key_secret(tiny_lla
 @pytest.mark.parametrize("flags,says", [
     (["-tp", "2"], "tensor parallel size 2 must divide num_heads 9"),  # SmolLM2 has 9 heads
     (["--port", "BUSY"], "cannot listen on 127.0.0.1:"),
+    (["--cpus-per-worker", "4096"], "need 4096.2 CPUs and this machine has"),
+    pytest.param(["--device", "cuda"], "on cuda need 1 GPUs and this machine has 0",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])  # fmt: skip
 def test_serve_refuses_what_cannot_work_in_one_line_before_ray_starts(flags, says):
     import socket
