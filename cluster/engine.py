@@ -28,6 +28,7 @@ from typing import AsyncIterator
 import torch
 
 from cluster.config import EngineConfig
+from cluster.guided import GuidedDecoding
 from cluster.local_gang import LocalGang
 from cluster.processing import InputProcessor, OutputStream
 from cluster.protocol import EngineDeadError, EngineStats, GangError, GenerateRequest, RequestOutput
@@ -98,6 +99,7 @@ class LLMEngine:
         eos_token_ids = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.guided = GuidedDecoding(self.tokenizer)
         self.scheduler = Scheduler(
             self.allocator,
             max_num_seqs=config.max_num_seqs,
@@ -127,6 +129,9 @@ class LLMEngine:
             raise EngineDeadError(f"engine is dead: {self.dead}")
         loop = asyncio.get_running_loop()
         prompt_ids, params = await loop.run_in_executor(self._tokenize_pool, self.processor.process, request)
+        matcher = None
+        if params.json_schema is not None:  # compiling a new schema may take a while: off the loop too
+            matcher = await loop.run_in_executor(self._tokenize_pool, self.guided.matcher, params.json_schema)
         if self.dead is not None:
             raise EngineDeadError(f"engine is dead: {self.dead}")
         request_id = request.request_id or uuid.uuid4().hex
@@ -134,6 +139,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already running")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = self.scheduler.add(request_id, prompt_ids, params, seed)
+        seq.matcher = matcher
         req = _Request(seq, OutputStream(self.tokenizer, request_id, prompt_ids, params))
         self._requests[request_id] = req
         self._ensure_loop()
@@ -316,17 +322,28 @@ class LLMEngine:
             sampling=[s.params for s in sampled],
             seeds=[s.seed for s in sampled],
             steps=[len(s.output_ids) for s in sampled],
+            token_masks={i: self.guided.mask(s.matcher) for i, s in enumerate(sampled) if s.matcher is not None},
         )
 
     def _apply(self, batch: Batch, out: SampleOutput) -> None:
         for seq, row in self.scheduler.update(batch, out.token_ids):
             req = self._requests[seq.request_id]
+            if seq.matcher is not None and seq.finish_reason is None:
+                self._advance_grammar(seq, out.token_ids[row])
             delta = req.stream.add(out.token_ids[row], seq.finish_reason, out.logprobs[row], out.top_logprobs[row])
             if req.stream.hit_stop_string:
                 self.scheduler.finish(seq, "stop")
             req.queue.put_nowait(delta)
             if delta.finished:
                 self._requests.pop(seq.request_id, None)
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> None:
+        """The sampled token moves the grammar on; a complete value (the JSON closed) ends the request."""
+        if not seq.matcher.consume_token(token):  # the mask allowed only grammar tokens: a bug if reached
+            log.error("request %s: token %d outside its grammar: %s", seq.request_id, token, seq.matcher.get_error())
+            self.scheduler.finish(seq, "stop")
+        elif seq.matcher.is_stopped():
+            self.scheduler.finish(seq, "stop")
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         req = self._requests.pop(request_id)

@@ -50,6 +50,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of its first full blocks
     num_registered: int = 0  # leading blocks already in the prefix cache (matched or registered)
     admitted_len: int = 0  # num_tokens when last admitted: positions below it are prefill/recompute
+    matcher: object | None = None  # structured output: the grammar's state over output_ids (cluster/guided.py)
 
     @property
     def num_tokens(self) -> int:
@@ -165,7 +166,8 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+        # A grammar (structured output) decides itself where the text ends, EOS included.
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos and seq.matcher is None):
             return "stop"
         if len(seq.output_ids) >= p.max_tokens:
             return "length"

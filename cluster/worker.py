@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from model.attention import AttentionMetadata, allocate_kv_cache, kv_cache_shape
 from model.config import ModelSpec
 from model.layers import SingleGroup
 from model.loader import LoadReport, load_model
-from model.sampling import SampleOutput, SamplingParams, sample
+from model.sampling import SampleOutput, SamplingParams, apply_token_masks, sample
 
 
 @dataclass
@@ -50,6 +50,7 @@ class StepInput:
     sampling: list[SamplingParams]  # per sampled row
     seeds: list[int]
     steps: list[int]  # tokens generated so far by each sampled row's request
+    token_masks: dict[int, bytes] = field(default_factory=dict)  # sampled row -> allowed tokens (structured output)
 
 
 DIST_TIMEOUT_S = 60.0  # rendezvous and collectives; a peer silent this long has failed
@@ -189,7 +190,10 @@ class Worker:
         logits = self.model.compute_logits(hidden[as_tensor(step.sample_rows)])
         if self.plan.rank != self.parallel.sampler_rank:
             return None
-        return sample(logits.float(), step.sampling, step.seeds, step.steps)
+        logits = logits.float()
+        if step.token_masks:
+            apply_token_masks(logits, step.token_masks)
+        return sample(logits, step.sampling, step.seeds, step.steps)
 
     # -- health and teardown ------------------------------------------------------
     def ping(self) -> int:

@@ -3,6 +3,8 @@ JSON body of the matching OpenAI route, so both are validated alike; deltas beco
 
 from __future__ import annotations
 
+import json
+
 import grpc
 
 from cluster.protocol import RequestOutput
@@ -29,6 +31,11 @@ def grpc_request_body(request: pb.GenerateRequest, model_name: str) -> tuple[dic
             body[name] = getattr(request, name)
     if request.stop:
         body["stop"] = list(request.stop)
+    if request.response_format:
+        try:
+            body["response_format"] = json.loads(request.response_format)
+        except json.JSONDecodeError as e:
+            raise RequestError.invalid(f"response_format is not valid JSON: {e}", param="response_format") from None
     if request.messages:
         body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         if request.HasField("logprobs"):

@@ -8,7 +8,7 @@ from typing import Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.protocol import GenerateRequest, RequestOutput, TokenLogprob
 from deployments.protocol import RequestError
@@ -17,6 +17,32 @@ from model.sampling_params import SamplingParams
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaSpec(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema", description="a JSON Schema; absent: any JSON value")
+    strict: bool | None = None  # the grammar always enforces the schema
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only with it")
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON Schema the output must match, as SamplingParams.json_schema takes it."""
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.type == "json_schema":
+            return json.dumps(self.json_schema.schema_ if self.json_schema.schema_ is not None else {})
+        return None
 
 
 class _Common(BaseModel):
@@ -34,6 +60,7 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
 
 
 class ChatMessage(BaseModel):
@@ -117,6 +144,7 @@ def _sampling(req, max_tokens: int | None, logprobs: int | None) -> SamplingPara
             stop=req.stop or (),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            json_schema=req.response_format.schema_text() if req.response_format else None,
         )
     except ValueError as e:
         raise RequestError.invalid(str(e), code="invalid_request") from None

@@ -106,6 +106,20 @@ def sample(logits: Tensor, params: list[SamplingParams], seeds: list[int], steps
     return SampleOutput(token_ids=ids, logprobs=logprobs, top_logprobs=top_logprobs)
 
 
+def apply_token_masks(logits: Tensor, masks: dict[int, bytes]) -> None:
+    """Rule out, in place, the tokens a row's grammar forbids: masks[row] holds one bit per token
+    (little-endian 32-bit words, bit set = allowed), as cluster/guided.py computes them."""
+    rows = list(masks)
+    words = torch.frombuffer(bytearray(b"".join(masks[r] for r in rows)), dtype=torch.int32).view(len(rows), -1)
+    shifts = torch.arange(32, dtype=torch.int32)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1).bool()  # (R, 32 * words)
+    vocab = logits.shape[1]
+    if allowed.shape[1] < vocab:  # tokens past the grammar's vocabulary are never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed[:, :vocab].to(logits.device), float("-inf"))
+
+
 def _uniforms(rows: list[int], seeds: list[int], steps: list[int], device) -> Tensor:
     # (R, 1): drawn on the CPU so the stream is the same on every device.
     u = [draw_uniform(seeds[i], steps[i]) for i in rows]

@@ -21,6 +21,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; N: the chosen token's logprob plus the top N (0..20)
+    # Structured output: the text must be JSON valid against this JSON Schema (its JSON text;
+    # '{"type": "object"}' for any object). Enforced by a grammar while sampling (cluster/guided.py).
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None:
@@ -47,6 +50,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", stop_token_ids)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.json_schema is not None and not isinstance(self.json_schema, str):
+            raise ValueError(f"json_schema must be a JSON Schema's JSON text, got {type(self.json_schema).__name__}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0)
             if self.logprobs > MAX_LOGPROBS:
