@@ -1,4 +1,5 @@
-"""Turning last-position logits into tokens: greedy, temperature, top-k, top-p, seeds, logprobs.
+"""Turning last-position logits into tokens: greedy, temperature, top-k, top-p, seeds, logprobs;
+before that, per-request logits processing (min_tokens, logit_bias, penalties).
 
 Sampling is stateless. A random row draws one uniform number from a CPU ``torch.Generator``
 seeded by its request seed and the number of tokens the request generated so far (its step),
@@ -118,6 +119,68 @@ def apply_token_masks(logits: Tensor, masks: dict[int, bytes]) -> None:
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed[:, :vocab].to(logits.device), float("-inf"))
+
+
+def apply_logits_processing(logits: Tensor, params: list[SamplingParams], token_ids: dict[int, tuple[list[int], list[int]]],
+                            banned: dict[int, list[int]]) -> None:  # fmt: skip
+    """Adjust, in place, the rows that ask for it, in vLLM's order: min_tokens bans, logit_bias,
+    then the repetition, frequency and presence penalties (temperature, top-k, top-p come after, in
+    ``sample``).
+
+    banned[row]: token ids the row may not sample yet (min_tokens: its EOS and stop token ids);
+    token_ids[row]: (prompt ids, output ids) of a row with a penalty (the prompt ids may be left
+    empty when it has no repetition penalty). Each row is adjusted element-wise from its own data
+    only, so its result does not depend on its batch; rows in neither map and without logit_bias
+    cost one attribute check.
+    """
+    device = logits.device
+    vocab = logits.shape[1]
+    if banned:
+        # A stop token id past the vocabulary can never be sampled anyway (and would not index).
+        rows, cols = _row_col(list(banned), [[t for t in banned[r] if t < vocab] for r in banned], device)
+        logits[rows, cols] = float("-inf")
+    bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if bias_rows:  # ids were checked against the vocabulary when the request came in (cluster/processing.py)
+        rows, cols = _row_col(bias_rows, [[t for t, _ in params[i].logit_bias] for i in bias_rows], device)
+        bias = torch.tensor([b for i in bias_rows for _, b in params[i].logit_bias], dtype=logits.dtype, device=device)
+        logits.index_put_((rows, cols), bias, accumulate=True)
+    if token_ids:
+        _apply_penalties(logits, params, token_ids)
+
+
+def _apply_penalties(logits: Tensor, params: list[SamplingParams], token_ids: dict[int, tuple[list[int], list[int]]]) -> None:
+    device = logits.device
+    rows = list(token_ids)
+    index = torch.tensor(rows, device=device)
+    x = logits[index]  # (R, V), a copy
+    local = range(len(rows))
+    out_rows, out_cols = _row_col(local, [token_ids[r][1] for r in rows], device)
+    counts = torch.zeros_like(x)  # (R, V): how often each token is in the row's output so far
+    counts.index_put_((out_rows, out_cols), torch.ones_like(out_cols, dtype=x.dtype), accumulate=True)
+    if any(params[r].repetition_penalty != 1 for r in rows):
+        # transformers' rule: a seen token's logit moves towards "less likely" by the factor r,
+        # dividing a positive logit and multiplying a negative one. Prompt and output both count.
+        seen = counts > 0
+        prompt_rows, prompt_cols = _row_col(local, [token_ids[r][0] for r in rows], device)
+        seen[prompt_rows, prompt_cols] = True
+        r = _column([params[i].repetition_penalty for i in rows], x)
+        x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)  # r == 1 leaves a row exactly as it was
+    # OpenAI's rule, over the output only: - f * count - p * (count > 0); 0 leaves a row exactly as it was.
+    x -= _column([params[i].frequency_penalty for i in rows], x) * counts
+    x -= _column([params[i].presence_penalty for i in rows], x) * (counts > 0)
+    logits[index] = x
+
+
+def _row_col(rows, ids_per_row: list[list[int]], device) -> tuple[Tensor, Tensor]:
+    """Flattened (row, token id) index pairs: rows[k] repeated once per id in ids_per_row[k]."""
+    row_index = [r for r, ids in zip(rows, ids_per_row) for _ in ids]
+    col_index = [t for ids in ids_per_row for t in ids]
+    return (torch.tensor(row_index, dtype=torch.long, device=device),
+            torch.tensor(col_index, dtype=torch.long, device=device))  # fmt: skip
+
+
+def _column(values: list[float], like: Tensor) -> Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)  # (R, 1)
 
 
 def _uniforms(rows: list[int], seeds: list[int], steps: list[int], device) -> Tensor:
