@@ -130,8 +130,8 @@ class LLMEngine:
         loop = asyncio.get_running_loop()
         prompt_ids, params = await loop.run_in_executor(self._tokenize_pool, self.processor.process, request)
         matcher = None
-        if params.json_schema is not None:  # compiling a new schema may take a while: off the loop too
-            matcher = await loop.run_in_executor(self._tokenize_pool, self.guided.matcher, params.json_schema)
+        if params.json_schema is not None or params.lark_grammar is not None:  # a new grammar compiles off the loop too
+            matcher = await loop.run_in_executor(self._tokenize_pool, self.guided.matcher, params)
         if self.dead is not None:
             raise EngineDeadError(f"engine is dead: {self.dead}")
         request_id = request.request_id or uuid.uuid4().hex
@@ -323,6 +323,15 @@ class LLMEngine:
             seeds=[s.seed for s in sampled],
             steps=[len(s.output_ids) for s in sampled],
             token_masks={i: self.guided.mask(s.matcher) for i, s in enumerate(sampled) if s.matcher is not None},
+            # The output ids are copied: the list grows once the step is back, and a StepInput should not
+            # change after it is built (the prompt ids never do).
+            penalty_ids={i: (s.prompt_ids if s.params.repetition_penalty != 1 else [], list(s.output_ids))
+                         for i, s in enumerate(sampled) if s.params.penalizes},  # fmt: skip
+            # min_tokens holds back exactly the ids that would stop the sequence (Scheduler._stop_reason):
+            # its stop_token_ids, and EOS unless ignore_eos or a grammar decides the end.
+            banned_ids={i: [*s.params.stop_token_ids,
+                            *(self.scheduler.eos_token_ids if not s.params.ignore_eos and s.matcher is None else ())]
+                        for i, s in enumerate(sampled) if len(s.output_ids) < s.params.min_tokens},  # fmt: skip
         )
 
     def _apply(self, batch: Batch, out: SampleOutput) -> None:

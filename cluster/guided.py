@@ -1,4 +1,5 @@
-"""Structured outputs: a JSON Schema becomes a grammar (llguidance), the grammar a token mask per step.
+"""Structured outputs: a JSON Schema (response_format) or a Lark grammar (forced tool calls) becomes
+a grammar (llguidance), the grammar a token mask per step.
 
 The engine keeps one matcher per constrained sequence, beside its tokens: before a step it
 computes the bitmask of tokens the grammar allows next (one bit per token), the worker that
@@ -6,8 +7,8 @@ samples rules the others out (model.sampling.apply_token_masks), and the sampled
 the matcher. The matcher lives in the engine, not in a worker, so preemption, recompute and a new
 gang after a failure leave it as it is: it has seen exactly the tokens the sequence holds.
 
-A schema is compiled once into a template matcher (bounded LRU); each sequence starts from a copy.
-Sequences without a schema cost nothing: no matcher, no mask.
+A grammar is compiled once into a template matcher (bounded LRU); each sequence starts from a copy.
+Sequences without one cost nothing: no matcher, no mask.
 """
 
 from __future__ import annotations
@@ -34,31 +35,35 @@ class GuidedDecoding:
         self._templates: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()  # matchers are compiled off the event loop
 
-    def matcher(self, schema_text: str) -> llguidance.LLMatcher:
-        """A fresh matcher for the schema; InvalidRequestError (a 400) when it does not compile."""
+    def matcher(self, params) -> llguidance.LLMatcher:
+        """A fresh matcher for the params' json_schema or lark_grammar; InvalidRequestError (a 400)
+        when it does not compile."""
+        key = ("json", params.json_schema) if params.json_schema is not None else ("lark", params.lark_grammar)
         with self._lock:
-            template = self._templates.get(schema_text)
+            template = self._templates.get(key)
             if template is None:
-                template = self._compile(schema_text)
-                self._templates[schema_text] = template
+                template = self._compile(*key)
+                self._templates[key] = template
                 if len(self._templates) > GRAMMAR_CACHE_SIZE:
                     self._templates.popitem(last=False)
             else:
-                self._templates.move_to_end(schema_text)
+                self._templates.move_to_end(key)
             return template.deep_copy()
 
-    def _compile(self, schema_text: str) -> llguidance.LLMatcher:
+    def _compile(self, kind: str, text: str) -> llguidance.LLMatcher:
         if self._tokenizer is None:
             # The tokenizer's own vocabulary and EOS: ids past it (a model's padding rows) have no text,
             # so the mask leaves them out and model.sampling.apply_token_masks rules them out.
             self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer)
-        try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.loads(schema_text), overrides=COMPILE_OPTIONS)
-        except (ValueError, TypeError) as e:
-            raise InvalidRequestError(f"response_format schema is not usable: {e}") from None
-        matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+        what = "response_format schema" if kind == "json" else "tool call grammar (from the tools' parameters)"
+        if kind == "json":
+            try:
+                text = llguidance.LLMatcher.grammar_from_json_schema(json.loads(text), overrides=COMPILE_OPTIONS)
+            except (ValueError, TypeError) as e:
+                raise InvalidRequestError(f"{what} is not usable: {e}") from None
+        matcher = llguidance.LLMatcher(self._tokenizer, text, log_level=0)
         if matcher.is_error():
-            raise InvalidRequestError(f"response_format schema is not supported: {matcher.get_error()}")
+            raise InvalidRequestError(f"{what} is not supported: {matcher.get_error()}")
         return matcher
 
     @staticmethod

@@ -49,7 +49,7 @@ class InputProcessor:
                 ids = list(prompt)  # token ids (an empty list is refused below)
             else:
                 self._refuse_if_surely_too_long(prompt)
-                ids = encode_prompt(self.tokenizer, prompt, raw=request.raw)
+                ids = encode_prompt(self.tokenizer, prompt, raw=request.raw, tools=request.tools)
         except ValueError as e:
             raise InvalidRequestError(str(e)) from None
         if not ids:
@@ -58,10 +58,18 @@ class InputProcessor:
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
         params = request.params
+        outside = [t for t, _ in params.logit_bias if t >= self.vocab_size]  # the sampler would index past its row
+        if outside:
+            raise InvalidRequestError(f"logit_bias token id {outside[0]} is outside the vocabulary (size {self.vocab_size})")
         if params.max_tokens is None:  # OpenAI's default: the rest of the context
             if len(ids) >= self.max_model_len:
                 raise InvalidRequestError(
                     f"prompt ({len(ids)} tokens) leaves no room to generate in the context length {self.max_model_len}"
+                )
+            if params.min_tokens > self.max_model_len - len(ids):
+                raise InvalidRequestError(
+                    f"prompt ({len(ids)} tokens) plus min_tokens ({params.min_tokens}) is over the context length "
+                    f"{self.max_model_len}"
                 )
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         total = len(ids) + params.max_tokens
@@ -83,6 +91,7 @@ class OutputStream:
         self.prompt_tokens = len(prompt_ids)
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.stop)
         self.completion_tokens = 0
+        self.min_tokens = params.min_tokens
 
     @property
     def hit_stop_string(self) -> bool:
@@ -93,7 +102,8 @@ class OutputStream:
         """The delta for one sampled token; finish_reason is the scheduler's (None: it goes on).
         A stop string found here finishes the request too: then ``hit_stop_string`` is true."""
         self.completion_tokens += 1
-        text, hit_stop = self.detok.add(token)
+        # As vLLM: stop strings are looked for only from the min_tokens-th token on (a string may begin earlier).
+        text, hit_stop = self.detok.add(token, check_stop=self.completion_tokens >= self.min_tokens)
         if hit_stop:
             finish_reason = "stop"
         elif finish_reason is not None:

@@ -21,6 +21,7 @@ class GenerateRequest:
     params: SamplingParams  # params.max_tokens None: until the context is full
     raw: bool = False  # text as is, not wrapped in the model's chat template
     request_id: str | None = None  # None: the engine picks one
+    tools: list[dict] | None = None  # OpenAI tool definitions, handed to the chat template
 
 
 @dataclass

@@ -28,7 +28,7 @@ from model.attention import AttentionMetadata, allocate_kv_cache, kv_cache_shape
 from model.config import ModelSpec
 from model.layers import SingleGroup
 from model.loader import LoadReport, load_model
-from model.sampling import SampleOutput, SamplingParams, apply_token_masks, sample
+from model.sampling import SampleOutput, SamplingParams, apply_logits_processing, apply_token_masks, sample
 
 
 @dataclass
@@ -51,6 +51,10 @@ class StepInput:
     seeds: list[int]
     steps: list[int]  # tokens generated so far by each sampled row's request
     token_masks: dict[int, bytes] = field(default_factory=dict)  # sampled row -> allowed tokens (structured output)
+    # Only rows that ask: sampled row -> (prompt ids, [] without repetition_penalty; output ids) for
+    # penalties, and sampled row -> ids it may not sample yet (min_tokens: EOS and stop_token_ids).
+    penalty_ids: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    banned_ids: dict[int, list[int]] = field(default_factory=dict)
 
 
 DIST_TIMEOUT_S = 60.0  # rendezvous and collectives; a peer silent this long has failed
@@ -193,6 +197,9 @@ class Worker:
         logits = logits.float()
         if step.token_masks:
             apply_token_masks(logits, step.token_masks)
+        # After the grammar's mask, as vLLM does; a masked -inf stays -inf through bias and penalties.
+        # Logprobs come from these processed logits (before temperature), as they did before penalties.
+        apply_logits_processing(logits, step.sampling, step.penalty_ids, step.banned_ids)
         return sample(logits, step.sampling, step.seeds, step.steps)
 
     # -- health and teardown ------------------------------------------------------

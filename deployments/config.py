@@ -86,6 +86,11 @@ class AppConfig(EngineConfig):
         description="A file holding the API key, read by each replica when it starts (a mounted Kubernetes "
         "Secret): the key stays out of the Serve config and the logs.",
     )
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto",
+        description="How the model writes tool calls: `<tool_call>` blocks (hermes: Qwen2, Hermes), JSON objects "
+        "(llama3_json: Llama 3.1+) or `[TOOL_CALLS]` (mistral); auto = from the chat template, hermes if it shows none.",
+    )
     max_request_body_bytes: int = Field(
         4 << 20, ge=1024, description="Largest request body accepted; a larger one gets 413 before it is parsed."
     )

@@ -40,7 +40,8 @@ from deployments.grpc_protocol import GRPC_STATUS, grpc_request_body, grpc_respo
 from deployments.metrics import ReplicaMetrics, RequestTimer, RouterMetrics
 from deployments.openai_protocol import (ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape,
                                          chat_request, completion_request, error_body, error_response, read_json,
-                                         validate)
+                                         tool_call_chunk, validate, with_tool_calls)
+from deployments.tools import ToolCallStream, ToolSetup
 from deployments.placement import replica_actor_options, replica_bundles, replica_engine_config
 from deployments.proto import shardserve_pb2 as pb
 from deployments.protocol import RequestError
@@ -95,6 +96,7 @@ class LLMServer:
         self.max_body_bytes = config.max_request_body_bytes
         self.model_name = model_name
         self.created = int(time.time())
+        self.tooling = ToolSetup.for_tokenizer(config.tool_call_parser, self.engine.tokenizer)
         context = serve.get_replica_context()
         self.app_name, self.replica = context.app_name, context.replica_id.unique_id
         self.metrics = ReplicaMetrics(model_name, self.replica)
@@ -235,27 +237,33 @@ class LLMServer:
         headers = {"x-request-id": rid, "x-shardserve-replica": self.replica}  # the replica, for debugging
         try:
             req = await self._http_request(request, model_cls)
-            outputs = await self._start(dataclasses.replace(to_request(req), request_id=rid))
+            generate, tool_format = to_request(req)
+            outputs = await self._start(dataclasses.replace(generate, request_id=rid))
         except RequestError as e:
             self.requests.request(route, e.status)
             return error_response(e, headers)
         self.requests.request(route, 200)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                self._sse(outputs, shape, rid, include_usage), media_type="text/event-stream", headers=headers
-            )
+            return StreamingResponse(self._sse(outputs, shape, rid, include_usage, tool_format),
+                                     media_type="text/event-stream", headers=headers)  # fmt: skip
         try:
             items = [item async for item in outputs]
         except RequestError as e:  # the model failed mid-request
             return error_response(e, headers)
-        return JSONResponse(shape.full(items, rid, self.model_name, self.created), headers=headers)
+        body = shape.full(items, rid, self.model_name, self.created)
+        return JSONResponse(with_tool_calls(body, tool_format) if tool_format else body, headers=headers)
 
-    async def _sse(self, outputs: AsyncIterator[RequestOutput], shape, rid: str, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, outputs: AsyncIterator[RequestOutput], shape, rid: str, include_usage: bool,
+                   tool_format=None) -> AsyncIterator[str]:  # fmt: skip
         last = None
+        tool_stream = ToolCallStream(tool_format) if tool_format else None
         try:
             async for item in outputs:
-                yield f"data: {json.dumps(shape.chunk(item, rid, self.model_name, self.created, first=last is None))}\n\n"
+                chunk = shape.chunk(item, rid, self.model_name, self.created, first=last is None)
+                if tool_stream is not None:
+                    chunk = tool_call_chunk(chunk, tool_stream, item)
+                yield f"data: {json.dumps(chunk)}\n\n"
                 last = item
         except RequestError as e:  # never a silently cut stream: an error event, then the end
             yield f"data: {json.dumps(error_body(e.message, e.type, code=e.code))}\n\n"
@@ -294,7 +302,7 @@ class LLMServer:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        return await self._respond(request, ChatCompletionRequest, chat_request, ChatShape)
+        return await self._respond(request, ChatCompletionRequest, lambda req: chat_request(req, self.tooling), ChatShape)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -307,7 +315,7 @@ class LLMServer:
         body, model_cls = grpc_request_body(request, self.model_name)
         self._check_model(body["model"])
         req = validate(body, model_cls)
-        generate = chat_request(req) if model_cls is ChatCompletionRequest else completion_request(req)
+        generate, _ = chat_request(req, self.tooling) if model_cls is ChatCompletionRequest else completion_request(req)
         outputs = await self._start(dataclasses.replace(generate, request_id=rid))
         self.requests.request(route, grpc.StatusCode.OK.name)
         return outputs

@@ -3,6 +3,7 @@ response bodies and stream chunks a run of RequestOutput deltas becomes, and the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Literal
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cluster.protocol import GenerateRequest, RequestOutput, TokenLogprob
 from deployments.protocol import RequestError
+from deployments.tools import ToolCall, ToolCallStream, ToolFormat, ToolSetup
 from model.sampling_params import SamplingParams
 
 
@@ -46,7 +48,7 @@ class ResponseFormat(BaseModel):
 
 
 class _Common(BaseModel):
-    # Unknown OpenAI fields (presence_penalty, n=1, ...) are accepted and ignored, as clients send them.
+    # Unknown OpenAI fields (n=1, ...) are accepted and ignored, as clients send them.
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -61,11 +63,78 @@ class _Common(BaseModel):
     user: str | None = None
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None
+    # OpenAI's penalties and bias (null = default), applied as vLLM does (model/sampling.py).
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, description="token id (a string) -> bias in [-100, 100]")
+    repetition_penalty: float | None = Field(None, gt=0, description="shardserve extra: > 1 discourages tokens "
+                                             "of the prompt and output, transformers-style; 1 = off")  # fmt: skip
+    min_tokens: int = Field(0, ge=0, description="shardserve extra: no EOS, stop token or stop string before this many")
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[dict] | None = None  # text, or an array of text parts
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _content(self):
+        if isinstance(self.content, list):  # text parts, joined as one text
+            texts = []
+            for j, part in enumerate(self.content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"content[{j}]: part type {kind!r} is not supported; only 'text' parts with a 'text' string")
+                texts.append(part["text"])
+            self.content = "\n".join(texts)
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        return self
+
+    def for_template(self) -> dict:
+        out = {"role": self.role, "content": self.content or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema of the arguments object
+    strict: bool | None = None  # forced calls always follow the schema
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Common):
@@ -73,6 +142,34 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tool_choice(self):
+        names = [t.function.name for t in self.tools or []]
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not among tools {names}")
+        if self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        if self.forced_tools() and self.response_format and self.response_format.type != "text":
+            raise ValueError("a forced tool call (tool_choice) and response_format cannot both shape the answer")
+        return self
+
+    def active_tools(self) -> list[dict] | None:
+        """The tools offered to the model (none when tool_choice is 'none')."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def forced_tools(self) -> list[dict] | None:
+        """The tools one of which must be called: all ('required') or the named one; None: the model decides."""
+        if self.tool_choice == "required":
+            return self.active_tools()
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.active_tools() if t["function"]["name"] == self.tool_choice.function.name]
+        return None
 
 
 class CompletionRequest(_Common):
@@ -145,19 +242,30 @@ def _sampling(req, max_tokens: int | None, logprobs: int | None) -> SamplingPara
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             json_schema=req.response_format.schema_text() if req.response_format else None,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
+            logit_bias=req.logit_bias or (),  # ids are checked against the vocabulary by the engine
+            min_tokens=req.min_tokens,
         )
     except ValueError as e:
         raise RequestError.invalid(str(e), code="invalid_request") from None
 
 
-def chat_request(req: ChatCompletionRequest) -> GenerateRequest:
+def chat_request(req: ChatCompletionRequest, tooling: ToolSetup) -> tuple[GenerateRequest, ToolFormat | None]:
+    """The request for the engine, and the tool-call format to read the answer with (None: no tools)."""
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    messages = [m.model_dump() for m in req.messages]
-    return GenerateRequest(messages, _sampling(req, req.max_completion_tokens or req.max_tokens, logprobs))
+    tools = req.active_tools()
+    messages, template_tools = tooling.messages([m.for_template() for m in req.messages], tools)
+    params = _sampling(req, req.max_completion_tokens or req.max_tokens, logprobs)
+    forced = req.forced_tools()
+    if forced:  # the answer must be calls of these tools, with arguments valid against their schemas
+        params = dataclasses.replace(params, lark_grammar=tooling.format.grammar(forced, req.parallel_tool_calls))
+    return GenerateRequest(messages, params, tools=template_tools), (tooling.format if tools else None)
 
 
-def completion_request(req: CompletionRequest) -> GenerateRequest:
-    return GenerateRequest(req.prompt, _sampling(req, req.max_tokens, req.logprobs), raw=True)
+def completion_request(req: CompletionRequest) -> tuple[GenerateRequest, None]:
+    return GenerateRequest(req.prompt, _sampling(req, req.max_tokens, req.logprobs), raw=True), None
 
 
 # -- responses --------------------------------------------------------------------------------------
@@ -233,6 +341,34 @@ class ChatShape(_Shape):
                 for lp in entries
             ]
         }
+
+
+def with_tool_calls(body: dict, fmt: ToolFormat) -> dict:
+    """A whole chat completion with the calls in its text moved into message.tool_calls."""
+    choice = body["choices"][0]
+    content, calls = fmt.parse(choice["message"]["content"])
+    if calls:
+        choice["message"].update(content=content, tool_calls=[c.openai() for c in calls])
+        if choice["finish_reason"] == "stop":
+            choice["finish_reason"] = "tool_calls"
+    return body
+
+
+def tool_call_chunk(chunk: dict, stream: ToolCallStream, item: RequestOutput) -> dict:
+    """A chat chunk whose text went through the stream's tool-call reader: content it lets out, and
+    at the end the calls as delta.tool_calls (each whole: its name and all its arguments)."""
+    choice = chunk["choices"][0]
+    content = stream.feed(item.text)
+    calls: list[ToolCall] = []
+    if item.finished:
+        rest, calls = stream.finish()
+        content += rest
+    choice["delta"]["content"] = content
+    if calls:
+        choice["delta"]["tool_calls"] = [c.openai(index=i) for i, c in enumerate(calls)]
+        if choice["finish_reason"] == "stop":
+            choice["finish_reason"] = "tool_calls"
+    return chunk
 
 
 class CompletionShape(_Shape):

@@ -35,15 +35,31 @@ class ErrorResponse(_Strict):
     error: ErrorDetail
 
 
+class FunctionCallOut(_Strict):
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+class ToolCallOut(_Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class ToolCallDelta(ToolCallOut):
+    index: int  # streamed: which call of the answer (each comes whole, in one delta)
+
+
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None when the answer is only tool calls
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(_Strict):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
     logprobs: dict | None
 
 
@@ -59,12 +75,13 @@ class ChatCompletion(_Strict):
 class ChatDelta(_Strict):
     role: Literal["assistant"] | None = None  # in the first chunk only
     content: str
+    tool_calls: list[ToolCallDelta] | None = None  # in the last chunk, when the answer ends in tool calls
 
 
 class ChatChunkChoice(_Strict):
     index: int
     delta: ChatDelta
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
     logprobs: dict | None
 
 

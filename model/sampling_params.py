@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
+MAX_PENALTY = 2.0  # presence / frequency penalties, as OpenAI bounds them
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,14 @@ class SamplingParams:
     # Structured output: the text must be JSON valid against this JSON Schema (its JSON text;
     # '{"type": "object"}' for any object). Enforced by a grammar while sampling (cluster/guided.py).
     json_schema: str | None = None
+    # Or a Lark grammar (llguidance's dialect) the text must match: how forced tool calls are made.
+    lark_grammar: str | None = None
+    # Logits processing, as vLLM does it (model/sampling.py apply_logits_processing).
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
+    repetition_penalty: float = 1.0  # transformers-style, over prompt and output; 1 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; a dict is accepted
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled (nor stop strings match) before this many
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None:
@@ -52,15 +62,61 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.json_schema is not None and not isinstance(self.json_schema, str):
             raise ValueError(f"json_schema must be a JSON Schema's JSON text, got {type(self.json_schema).__name__}")
+        if self.lark_grammar is not None and (not isinstance(self.lark_grammar, str) or self.json_schema is not None):
+            raise ValueError("lark_grammar must be a grammar's text, and cannot come with json_schema")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0)
             if self.logprobs > MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_float(name, value)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
+        _check_float("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        object.__setattr__(self, "logit_bias", _logit_bias_pairs(self.logit_bias))
+        _check_int("min_tokens", self.min_tokens, low=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
 
     @property
     def greedy(self) -> bool:
         """True when the choice is the argmax: temperature 0, or top_k 1 (the same token)."""
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalizes(self) -> bool:
+        """True when sampling needs the request's token ids (presence, frequency or repetition penalty)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _logit_bias_pairs(value) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} map (keys are JSON strings), or (id, bias) pairs, as sorted
+    (int, float) pairs: hashable, and equal params compare equal whatever the key order."""
+    items = value.items() if isinstance(value, dict) else value
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise ValueError(f"logit_bias must map token ids to biases, got {value!r}")
+    pairs: dict[int, float] = {}
+    for item in items:
+        try:
+            key, bias = item
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias must map token ids to biases, got {item!r}") from None
+        token = key
+        if isinstance(key, str):  # JSON object keys are strings; "50256" means token 50256
+            if not (key.isascii() and key.isdigit()):  # int() would also take " 5", "+5", "1_0"
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            token = int(key)
+        _check_int(f"logit_bias key {key!r}", token, low=0)
+        _check_float(f"logit_bias[{key!r}]", bias)
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias[{key!r}] must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}")
+        if token in pairs:  # e.g. "7" and "07"
+            raise ValueError(f"logit_bias names token {token} twice")
+        pairs[token] = float(bias)
+    return tuple(sorted(pairs.items()))
 
 
 def _check_int(name: str, value, low: int | None) -> None:

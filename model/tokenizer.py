@@ -26,12 +26,14 @@ def load_tokenizer(model_dir) -> PreTrainedTokenizerBase:
         ) from exc
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], *, raw: bool = False) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], *, raw: bool = False,
+                  tools: list[dict] | None = None) -> list[int]:  # fmt: skip
     """Token ids for a prompt string or a list of chat messages.
 
     Unless ``raw``, a tokenizer with a chat template wraps the prompt in it (a string becomes one
-    user message) and adds the assistant generation prompt. Otherwise a string is encoded as is,
-    with BOS when the tokenizer adds one. Chat messages need a chat template.
+    user message) and adds the assistant generation prompt; ``tools`` (OpenAI tool definitions)
+    go to the template too. Otherwise a string is encoded as is, with BOS when the tokenizer adds
+    one. Chat messages need a chat template.
     """
     if isinstance(prompt, str):
         messages = None
@@ -50,7 +52,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], 
             messages = [{"role": "user", "content": prompt}]
         # Render to text, then encode without special tokens: templates that want BOS write it
         # themselves, and adding it again would double it.
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         ids = tokenizer.encode(text, add_special_tokens=False)
     else:
         ids = tokenizer.encode(prompt)
@@ -89,12 +91,14 @@ class IncrementalDetokenizer:
         self.stopped = False
         self.text = ""  # all emitted text so far
 
-    def add(self, token_id: int) -> tuple[str, bool]:
-        """Feed one generated token; returns (text to emit now, a stop string was hit)."""
+    def add(self, token_id: int, check_stop: bool = True) -> tuple[str, bool]:
+        """Feed one generated token; returns (text to emit now, a stop string was hit). With
+        ``check_stop`` False (min_tokens not reached) no stop string ends the text yet, but a
+        possible start of one is still held back, so one ending in a later token is found."""
         if self.stopped:
             return "", True
         self._tokens.append(token_id)
-        return self._emit(self._decode_new(final=False))
+        return self._emit(self._decode_new(final=False), check_stop=check_stop)
 
     def flush(self) -> str:
         """Release held-back text at the end of generation (an unfinished character decodes as U+FFFD)."""
@@ -116,11 +120,11 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def _emit(self, delta: str, final: bool = False) -> tuple[str, bool]:
+    def _emit(self, delta: str, final: bool = False, check_stop: bool = True) -> tuple[str, bool]:
         text = self._pending + delta
         self._pending = ""
         if self.stop:
-            cut = _find_stop(text, self.stop)
+            cut = _find_stop(text, self.stop) if check_stop else None
             if cut is not None:
                 self.stopped = True
                 text = text[:cut]
