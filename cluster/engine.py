@@ -339,7 +339,8 @@ class LLMEngine:
             req = self._requests[seq.request_id]
             if seq.matcher is not None and seq.finish_reason is None:
                 self._advance_grammar(seq, out.token_ids[row])
-            delta = req.stream.add(out.token_ids[row], seq.finish_reason, out.logprobs[row], out.top_logprobs[row])
+            delta = req.stream.add(out.token_ids[row], seq.finish_reason, out.logprobs[row], out.top_logprobs[row],
+                                   seq.cached_tokens)  # fmt: skip
             if req.stream.hit_stop_string:
                 self.scheduler.finish(seq, "stop")
             req.queue.put_nowait(delta)

@@ -98,7 +98,7 @@ class OutputStream:
         return self.detok.stopped
 
     def add(self, token: int, finish_reason: str | None, logprob: float | None,
-            top: list[tuple[int, float]] | None) -> RequestOutput:
+            top: list[tuple[int, float]] | None, cached_tokens: int = 0) -> RequestOutput:
         """The delta for one sampled token; finish_reason is the scheduler's (None: it goes on).
         A stop string found here finishes the request too: then ``hit_stop_string`` is true."""
         self.completion_tokens += 1
@@ -120,6 +120,7 @@ class OutputStream:
             finish_reason=finish_reason,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            cached_tokens=cached_tokens,
         )
 
     def _text(self, token: int) -> str:

@@ -44,6 +44,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, those whose KV came from the prefix cache
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,9 @@ def grpc_response(items: list[RequestOutput], rid: str, model: str) -> pb.Genera
         finish_reason=last.finish_reason or "",
     )
     if last.finish_reason:
-        out.usage.CopyFrom(pb.Usage(**usage(last)))
+        u = usage(last)
+        out.usage.CopyFrom(pb.Usage(prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"],
+                                    total_tokens=u["total_tokens"], cached_tokens=u["prompt_tokens_details"]["cached_tokens"]))
     for lp in logprobs_of(items):
         top = [pb.TopLogprob(token=t, logprob=v) for t, v in lp.top]
         out.logprobs.append(pb.TokenLogprob(token=lp.token, token_id=lp.token_id, logprob=lp.logprob, top_logprobs=top))

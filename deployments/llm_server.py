@@ -40,7 +40,7 @@ from deployments.grpc_protocol import GRPC_STATUS, grpc_request_body, grpc_respo
 from deployments.metrics import ReplicaMetrics, RequestTimer, RouterMetrics
 from deployments.openai_protocol import (ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape,
                                          chat_request, completion_request, error_body, error_response, read_json,
-                                         tool_call_chunk, validate, with_tool_calls)
+                                         tool_call_chunk, usage_of, validate, with_tool_calls)
 from deployments.tools import ToolCallStream, ToolSetup
 from deployments.placement import replica_actor_options, replica_bundles, replica_engine_config
 from deployments.proto import shardserve_pb2 as pb
@@ -84,6 +84,86 @@ async def _internal_error(request: Request, e: Exception):
     rid = uuid.uuid4().hex
     log.error("request %s (%s %s) failed", rid, request.method, request.url.path, exc_info=e)
     return error_response(RequestError(500, f"internal error (request id {rid})", type_="internal_error"))
+
+
+class _Deltas:
+    """One request's deltas, the first already in hand. A model that fails on the way raises
+    RequestError (503), its detail logged here. Closing it, begun or not (the client went away, a
+    sibling choice failed), lets the engine drop the request, once."""
+
+    def __init__(self, request_id: str, first: RequestOutput, stream, timer: RequestTimer, on_done):
+        self.request_id, self._next, self._stream, self._timer, self._on_done = request_id, first, stream, timer, on_done
+        self._closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._closed:
+            raise StopAsyncIteration
+        item, self._next = self._next, None
+        if item is None:
+            try:
+                item = await self._stream.__anext__()
+            except EngineDeadError as e:
+                log.error("request %s: engine failed mid-request: %s", self.request_id, e)
+                await self.aclose()
+                raise RequestError.unavailable(f"the model failed while answering (request id {self.request_id}); "
+                                               "retry", retry_after=1, code="engine_failed") from None  # fmt: skip
+            except BaseException:
+                await self.aclose()
+                raise
+        self._timer.tokens(time.monotonic(), len(item.token_ids))
+        if item.finished:
+            self._timer.finished(time.monotonic(), item.prompt_tokens, item.finish_reason)
+            await self.aclose()
+        return item
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._on_done()
+            await self._stream.aclose()
+
+
+async def merge_streams(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The deltas of several choices as they come, tagged with the choice's index; the first error
+    ends it all, and every stream is closed when the merge ends or is abandoned."""
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((index, item))
+            queue.put_nowait((index, done))
+        except Exception as e:  # RequestError (the model failed): the merge raises it
+            queue.put_nowait((index, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
 
 
 @serve.ingress(api)
@@ -193,28 +273,7 @@ class LLMServer:
                                                code="engine_failed") from None  # fmt: skip
             raise  # cancelled while waiting: the engine drops the request
 
-        async def outputs() -> AsyncIterator[RequestOutput]:
-            """The deltas; a model that fails on the way raises RequestError (503), its detail logged here."""
-            item = first
-            try:
-                while True:
-                    timer.tokens(time.monotonic(), len(item.token_ids))
-                    if item.finished:
-                        timer.finished(time.monotonic(), item.prompt_tokens, item.finish_reason)
-                    yield item
-                    if item.finished:
-                        return
-                    item = await stream.__anext__()
-            except EngineDeadError as e:
-                log.error("request %s: engine failed mid-request: %s", request.request_id, e)
-                raise RequestError.unavailable(
-                    f"the model failed while answering (request id {request.request_id}); retry",
-                    retry_after=1, code="engine_failed") from None  # fmt: skip
-            finally:  # the client went away, the stream ended or failed: the engine lets go of it
-                self._done()
-                await stream.aclose()
-
-        return outputs()
+        return _Deltas(request.request_id, first, stream, timer, self._done)
 
     def _done(self) -> None:
         self.in_flight -= 1
@@ -237,40 +296,61 @@ class LLMServer:
         headers = {"x-request-id": rid, "x-shardserve-replica": self.replica}  # the replica, for debugging
         try:
             req = await self._http_request(request, model_cls)
-            generate, tool_format = to_request(req)
-            outputs = await self._start(dataclasses.replace(generate, request_id=rid))
+            plan = to_request(req)
+            outputs = await self._start_all(plan.requests, rid)
         except RequestError as e:
             self.requests.request(route, e.status)
             return error_response(e, headers)
         self.requests.request(route, 200)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(outputs, shape, rid, include_usage, tool_format),
+            return StreamingResponse(self._sse(outputs, shape, rid, include_usage, plan),
                                      media_type="text/event-stream", headers=headers)  # fmt: skip
+        choices: list[list[RequestOutput]] = [[] for _ in plan.requests]
         try:
-            items = [item async for item in outputs]
+            async for index, item in outputs:
+                choices[index].append(item)
         except RequestError as e:  # the model failed mid-request
             return error_response(e, headers)
-        body = shape.full(items, rid, self.model_name, self.created)
-        return JSONResponse(with_tool_calls(body, tool_format) if tool_format else body, headers=headers)
+        body = shape.full(choices, rid, self.model_name, self.created, plan)
+        return JSONResponse(with_tool_calls(body, plan.tool_format) if plan.tool_format else body, headers=headers)
 
-    async def _sse(self, outputs: AsyncIterator[RequestOutput], shape, rid: str, include_usage: bool,
-                   tool_format=None) -> AsyncIterator[str]:  # fmt: skip
-        last = None
-        tool_stream = ToolCallStream(tool_format) if tool_format else None
+    async def _start_all(self, requests: list[GenerateRequest], rid: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every choice started, as one stream of (choice index, delta). The first runs alone until its
+        first token: the others then find its prompt in the prefix cache instead of computing it again."""
+        ids = [rid] if len(requests) == 1 else [f"{rid}-{i}" for i in range(len(requests))]
+        streams = [await self._start(dataclasses.replace(requests[0], request_id=ids[0]))]
+        rest = await asyncio.gather(*(self._start(dataclasses.replace(r, request_id=i))
+                                      for r, i in zip(requests[1:], ids[1:])), return_exceptions=True)  # fmt: skip
+        streams += [r for r in rest if not isinstance(r, BaseException)]
+        refused = next((r for r in rest if isinstance(r, BaseException)), None)
+        if refused is not None:  # all or nothing: let go of the choices that did start
+            for stream in streams:
+                await stream.aclose()
+            raise refused
+        return merge_streams(streams)
+
+    async def _sse(self, outputs: AsyncIterator[tuple[int, RequestOutput]], shape, rid: str, include_usage: bool,
+                   plan) -> AsyncIterator[str]:  # fmt: skip
+        last: dict[int, RequestOutput] = {}
+        tool_streams = {}
         try:
-            async for item in outputs:
-                chunk = shape.chunk(item, rid, self.model_name, self.created, first=last is None)
-                if tool_stream is not None:
-                    chunk = tool_call_chunk(chunk, tool_stream, item)
+            async for index, item in outputs:
+                first = index not in last
+                prefix = plan.echo[index] if plan.echo and first else ""
+                chunk = shape.chunk(item, index, rid, self.model_name, self.created, first=first, prefix=prefix)
+                if plan.tool_format is not None:
+                    stream = tool_streams.setdefault(index, ToolCallStream(plan.tool_format))
+                    chunk = tool_call_chunk(chunk, stream, item)
                 yield f"data: {json.dumps(chunk)}\n\n"
-                last = item
+                last[index] = item
         except RequestError as e:  # never a silently cut stream: an error event, then the end
             yield f"data: {json.dumps(error_body(e.message, e.type, code=e.code))}\n\n"
             yield "data: [DONE]\n\n"
             return
         if include_usage:
-            yield f"data: {json.dumps(shape.usage_chunk(last, rid, self.model_name, self.created))}\n\n"
+            usage = usage_of([last[i] for i in sorted(last)], plan.n)
+            yield f"data: {json.dumps(shape.usage_chunk(usage, rid, self.model_name, self.created))}\n\n"
         yield "data: [DONE]\n\n"
 
     @api.get("/health")
@@ -300,13 +380,25 @@ class LLMServer:
         self.requests.request("/v1/models", 200)
         return {"object": "list", "data": [self._model_card()]}
 
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, request: Request, model_id: str):
+        try:
+            self._authorize(request.headers.get("authorization"))
+            self._check_model(model_id)
+        except RequestError as e:
+            self.requests.request("/v1/models/{id}", e.status)
+            return error_response(e)
+        self.requests.request("/v1/models/{id}", 200)
+        return self._model_card()
+
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
         return await self._respond(request, ChatCompletionRequest, lambda req: chat_request(req, self.tooling), ChatShape)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._respond(request, CompletionRequest, completion_request, CompletionShape)
+        decode = lambda ids: self.engine.tokenizer.decode(ids)  # noqa: E731  (echo of token-id prompts)
+        return await self._respond(request, CompletionRequest, lambda req: completion_request(req, decode), CompletionShape)
 
     # -- gRPC (method names are the RPC names in deployments/proto/shardserve.proto) ---------
     async def _grpc_start(self, request: pb.GenerateRequest, grpc_context, route: str, rid: str) -> AsyncIterator[RequestOutput]:
@@ -315,8 +407,8 @@ class LLMServer:
         body, model_cls = grpc_request_body(request, self.model_name)
         self._check_model(body["model"])
         req = validate(body, model_cls)
-        generate, _ = chat_request(req, self.tooling) if model_cls is ChatCompletionRequest else completion_request(req)
-        outputs = await self._start(dataclasses.replace(generate, request_id=rid))
+        plan = chat_request(req, self.tooling) if model_cls is ChatCompletionRequest else completion_request(req)
+        outputs = await self._start(dataclasses.replace(plan.requests[0], request_id=rid))  # gRPC has no n
         self.requests.request(route, grpc.StatusCode.OK.name)
         return outputs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import Request
@@ -15,6 +16,9 @@ from cluster.protocol import GenerateRequest, RequestOutput, TokenLogprob
 from deployments.protocol import RequestError
 from deployments.tools import ToolCall, ToolCallStream, ToolFormat, ToolSetup
 from model.sampling_params import SamplingParams
+
+
+MAX_CHOICES = 64  # n, and n times the prompts of one /v1/completions request
 
 
 class StreamOptions(BaseModel):
@@ -48,8 +52,9 @@ class ResponseFormat(BaseModel):
 
 
 class _Common(BaseModel):
-    # Unknown OpenAI fields (n=1, ...) are accepted and ignored, as clients send them.
-    model_config = ConfigDict(extra="allow")
+    # A field this server does not know is refused (400 naming it), never silently ignored; OpenAI's
+    # fields that change nothing here (metadata, store, service_tier) are accepted as such.
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -70,6 +75,10 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, description="shardserve extra: > 1 discourages tokens "
                                              "of the prompt and output, transformers-style; 1 = off")  # fmt: skip
     min_tokens: int = Field(0, ge=0, description="shardserve extra: no EOS, stop token or stop string before this many")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices per prompt; with a seed, choice j samples with seed + j")
+    metadata: dict[str, str] | None = None  # accepted, not kept
+    store: bool | None = None  # nothing is stored
+    service_tier: str | None = None  # one tier here
 
 
 class FunctionCall(BaseModel):
@@ -173,8 +182,26 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids; a list of either: one choice each
     logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _prompts(self):
+        prompts = self.prompts()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompt must not be empty, nor hold an empty prompt")
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise ValueError(f"{len(prompts)} prompts x n={self.n} is over {MAX_CHOICES} choices in one request")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (it would need the prompt's logprobs)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -227,7 +254,8 @@ def validate(body: dict, model_cls):
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
-        raise RequestError.invalid(f"{param}: {err['msg']}", param=param) from None
+        message = "this server does not support the field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise RequestError.invalid(f"{param}: {message}", param=param) from None
 
 
 def _sampling(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -252,8 +280,25 @@ def _sampling(req, max_tokens: int | None, logprobs: int | None) -> SamplingPara
         raise RequestError.invalid(str(e), code="invalid_request") from None
 
 
-def chat_request(req: ChatCompletionRequest, tooling: ToolSetup) -> tuple[GenerateRequest, ToolFormat | None]:
-    """The request for the engine, and the tool-call format to read the answer with (None: no tools)."""
+@dataclass(frozen=True)
+class Plan:
+    """What one API request becomes: an engine request per choice (choice i of prompt p is index
+    p * n + i), how to read tool calls (None: no tools) and, for echo, each choice's prompt text."""
+
+    requests: list[GenerateRequest]
+    n: int  # choices per prompt
+    tool_format: ToolFormat | None = None
+    echo: list[str] | None = None
+
+
+def _choices(request: GenerateRequest, n: int) -> list[GenerateRequest]:
+    """n requests for one prompt; seeded ones draw with seed, seed + 1, ... so the choices differ."""
+    seed = request.params.seed
+    return [request if seed is None or j == 0 else dataclasses.replace(request, params=dataclasses.replace(
+        request.params, seed=seed + j)) for j in range(n)]  # fmt: skip
+
+
+def chat_request(req: ChatCompletionRequest, tooling: ToolSetup) -> Plan:
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     tools = req.active_tools()
     messages, template_tools = tooling.messages([m.for_template() for m in req.messages], tools)
@@ -261,17 +306,33 @@ def chat_request(req: ChatCompletionRequest, tooling: ToolSetup) -> tuple[Genera
     forced = req.forced_tools()
     if forced:  # the answer must be calls of these tools, with arguments valid against their schemas
         params = dataclasses.replace(params, lark_grammar=tooling.format.grammar(forced, req.parallel_tool_calls))
-    return GenerateRequest(messages, params, tools=template_tools), (tooling.format if tools else None)
+    request = GenerateRequest(messages, params, tools=template_tools)
+    return Plan(_choices(request, req.n), req.n, tooling.format if tools else None)
 
 
-def completion_request(req: CompletionRequest) -> tuple[GenerateRequest, None]:
-    return GenerateRequest(req.prompt, _sampling(req, req.max_tokens, req.logprobs), raw=True), None
+def completion_request(req: CompletionRequest, decode=None) -> Plan:
+    """decode(token ids) -> text, for echoing prompts given as token ids."""
+    params = _sampling(req, req.max_tokens, req.logprobs)
+    prompts = req.prompts()
+    requests = [r for p in prompts for r in _choices(GenerateRequest(p, params, raw=True), req.n)]
+    echo = None
+    if req.echo:
+        echo = [p if isinstance(p, str) else decode(p) for p in prompts for _ in range(req.n)]
+    return Plan(requests, req.n, echo=echo)
 
 
 # -- responses --------------------------------------------------------------------------------------
 def usage(item: RequestOutput) -> dict:
-    p, c = item.prompt_tokens, item.completion_tokens
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return usage_of([item], 1)
+
+
+def usage_of(last: list[RequestOutput], n: int) -> dict:
+    """Usage of a request's choices (their last deltas): each prompt counts once, every choice's tokens."""
+    prompts = last[::n]
+    p, c = sum(i.prompt_tokens for i in prompts), sum(i.completion_tokens for i in last)
+    cached = sum(i.cached_tokens for i in prompts)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
 
 def logprobs_of(items: list[RequestOutput]) -> list[TokenLogprob]:
@@ -298,35 +359,39 @@ class _Shape:
         return cls._format_logprobs(entries) if entries else None
 
     @classmethod
-    def full(cls, items: list[RequestOutput], rid: str, model: str, created: int) -> dict:
-        choice = cls._full_choice("".join(i.text for i in items))
-        choice.update(finish_reason=items[-1].finish_reason, logprobs=cls._logprobs(items))
-        return cls._envelope(cls.object_full, rid, model, created, [choice], usage(items[-1]))
+    def full(cls, choices: list[list[RequestOutput]], rid: str, model: str, created: int, plan) -> dict:
+        out = []
+        for index, items in enumerate(choices):
+            choice = cls._full_choice((plan.echo[index] if plan.echo else "") + "".join(i.text for i in items), index)
+            choice.update(finish_reason=items[-1].finish_reason, logprobs=cls._logprobs(items))
+            out.append(choice)
+        return cls._envelope(cls.object_full, rid, model, created, out, usage_of([c[-1] for c in choices], plan.n))
 
     @classmethod
-    def chunk(cls, item: RequestOutput, rid: str, model: str, created: int, first: bool = False) -> dict:
-        choice = cls._chunk_choice(item.text, first)
+    def chunk(cls, item: RequestOutput, index: int, rid: str, model: str, created: int, first: bool = False,
+              prefix: str = "") -> dict:  # fmt: skip
+        choice = cls._chunk_choice(prefix + item.text, first, index)
         choice.update(finish_reason=item.finish_reason, logprobs=cls._logprobs([item]))
         return cls._envelope(cls.object_chunk, rid, model, created, [choice])
 
     @classmethod
-    def usage_chunk(cls, item: RequestOutput, rid: str, model: str, created: int) -> dict:
-        return cls._envelope(cls.object_chunk, rid, model, created, [], usage(item))
+    def usage_chunk(cls, usage: dict, rid: str, model: str, created: int) -> dict:
+        return cls._envelope(cls.object_chunk, rid, model, created, [], usage)
 
 
 class ChatShape(_Shape):
     id_prefix, object_full, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
     @staticmethod
-    def _full_choice(text: str) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text}}
+    def _full_choice(text: str, index: int) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}}
 
     @staticmethod
-    def _chunk_choice(text: str, first: bool) -> dict:
+    def _chunk_choice(text: str, first: bool, index: int) -> dict:
         delta = {"content": text}
         if first:
             delta["role"] = "assistant"
-        return {"index": 0, "delta": delta}
+        return {"index": index, "delta": delta}
 
     @staticmethod
     def _format_logprobs(entries: list[TokenLogprob]) -> dict:
@@ -344,13 +409,13 @@ class ChatShape(_Shape):
 
 
 def with_tool_calls(body: dict, fmt: ToolFormat) -> dict:
-    """A whole chat completion with the calls in its text moved into message.tool_calls."""
-    choice = body["choices"][0]
-    content, calls = fmt.parse(choice["message"]["content"])
-    if calls:
-        choice["message"].update(content=content, tool_calls=[c.openai() for c in calls])
-        if choice["finish_reason"] == "stop":
-            choice["finish_reason"] = "tool_calls"
+    """A whole chat completion with the calls in each choice's text moved into message.tool_calls."""
+    for choice in body["choices"]:
+        content, calls = fmt.parse(choice["message"]["content"])
+        if calls:
+            choice["message"].update(content=content, tool_calls=[c.openai() for c in calls])
+            if choice["finish_reason"] == "stop":
+                choice["finish_reason"] = "tool_calls"
     return body
 
 
@@ -375,12 +440,12 @@ class CompletionShape(_Shape):
     id_prefix, object_full, object_chunk = "cmpl", "text_completion", "text_completion"
 
     @staticmethod
-    def _full_choice(text: str) -> dict:
-        return {"index": 0, "text": text}
+    def _full_choice(text: str, index: int) -> dict:
+        return {"index": index, "text": text}
 
     @staticmethod
-    def _chunk_choice(text: str, first: bool) -> dict:
-        return {"index": 0, "text": text}
+    def _chunk_choice(text: str, first: bool, index: int) -> dict:
+        return {"index": index, "text": text}
 
     @staticmethod
     def _format_logprobs(entries: list[TokenLogprob]) -> dict:

@@ -18,10 +18,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # the documented shape is the whole shape
 
 
+class PromptTokensDetails(_Strict):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(_Strict):
+    """Each prompt counts once (n choices share it); completion tokens of every choice."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ErrorDetail(_Strict):
@@ -142,6 +149,7 @@ OPERATIONS = {
     ("/v1/chat/completions", "post"): (ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, GENERATE_ERRORS),
     ("/v1/completions", "post"): (CompletionRequest, Completion, Completion, GENERATE_ERRORS),
     ("/v1/models", "get"): (None, ModelList, None, (401,)),
+    ("/v1/models/{model_id}", "get"): (None, ModelCard, None, (401, 404)),
     ("/health", "get"): (None, Health, None, (503,)),
 }
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"deployments/proto/shardserve.proto\x12\rshardserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd8\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.shardserve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x04\x88\x01\x01\x12\x17\n\x0fresponse_format\x18\x0c \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"q\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.shardserve.v1.TopLogprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xb9\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.shardserve.v1.Usage\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.shardserve.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\":\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x10\n\x08owned_by\x18\x03 \x01(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.shardserve.v1.ModelCard\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t2\xc8\x02\n\nShardServe\x12K\n\x08Generate\x12\x1e.shardserve.v1.GenerateRequest\x1a\x1f.shardserve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.shardserve.v1.GenerateRequest\x1a\x1f.shardserve.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .shardserve.v1.ListModelsRequest\x1a!.shardserve.v1.ListModelsResponse\x12\x45\n\x06Health\x12\x1c.shardserve.v1.HealthRequest\x1a\x1d.shardserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"deployments/proto/shardserve.proto\x12\rshardserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd8\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.shardserve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\r\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x04\x88\x01\x01\x12\x17\n\x0fresponse_format\x18\x0c \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobs\",\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"q\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.shardserve.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xb9\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.shardserve.v1.Usage\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.shardserve.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\":\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x10\n\x08owned_by\x18\x03 \x01(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.shardserve.v1.ModelCard\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t2\xc8\x02\n\nShardServe\x12K\n\x08Generate\x12\x1e.shardserve.v1.GenerateRequest\x1a\x1f.shardserve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.shardserve.v1.GenerateRequest\x1a\x1f.shardserve.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .shardserve.v1.ListModelsRequest\x1a!.shardserve.v1.ListModelsResponse\x12\x45\n\x06Health\x12\x1c.shardserve.v1.HealthRequest\x1a\x1d.shardserve.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,19 +40,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROB']._serialized_start=492
   _globals['_TOKENLOGPROB']._serialized_end=605
   _globals['_USAGE']._serialized_start=607
-  _globals['_USAGE']._serialized_end=686
-  _globals['_GENERATERESPONSE']._serialized_start=689
-  _globals['_GENERATERESPONSE']._serialized_end=874
-  _globals['_LISTMODELSREQUEST']._serialized_start=876
-  _globals['_LISTMODELSREQUEST']._serialized_end=895
-  _globals['_MODELCARD']._serialized_start=897
-  _globals['_MODELCARD']._serialized_end=955
-  _globals['_LISTMODELSRESPONSE']._serialized_start=957
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1019
-  _globals['_HEALTHREQUEST']._serialized_start=1021
-  _globals['_HEALTHREQUEST']._serialized_end=1036
-  _globals['_HEALTHRESPONSE']._serialized_start=1038
-  _globals['_HEALTHRESPONSE']._serialized_end=1070
-  _globals['_SHARDSERVE']._serialized_start=1073
-  _globals['_SHARDSERVE']._serialized_end=1401
+  _globals['_USAGE']._serialized_end=709
+  _globals['_GENERATERESPONSE']._serialized_start=712
+  _globals['_GENERATERESPONSE']._serialized_end=897
+  _globals['_LISTMODELSREQUEST']._serialized_start=899
+  _globals['_LISTMODELSREQUEST']._serialized_end=918
+  _globals['_MODELCARD']._serialized_start=920
+  _globals['_MODELCARD']._serialized_end=978
+  _globals['_LISTMODELSRESPONSE']._serialized_start=980
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1042
+  _globals['_HEALTHREQUEST']._serialized_start=1044
+  _globals['_HEALTHREQUEST']._serialized_end=1059
+  _globals['_HEALTHRESPONSE']._serialized_start=1061
+  _globals['_HEALTHRESPONSE']._serialized_end=1093
+  _globals['_SHARDSERVE']._serialized_start=1096
+  _globals['_SHARDSERVE']._serialized_end=1424
 # @@protoc_insertion_point(module_scope)
