@@ -41,10 +41,10 @@ from deployments.metrics import ReplicaMetrics, RequestTimer, RouterMetrics
 from deployments.openai_protocol import (ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape,
                                          chat_request, completion_request, error_body, error_response, read_json,
                                          tool_call_chunk, usage_of, validate, with_tool_calls)
-from deployments.tools import ToolCallStream, ToolSetup
 from deployments.placement import replica_actor_options, replica_bundles, replica_engine_config
 from deployments.proto import shardserve_pb2 as pb
 from deployments.protocol import RequestError
+from deployments.tools import ToolCallStream, ToolSetup
 
 METRICS_PERIOD_S = 2.0  # how often engine gauges are refreshed
 ROUTING_STATS_PERIOD_S = 0.5  # how often the Router learns each replica's load
