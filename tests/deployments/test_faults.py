@@ -193,16 +193,22 @@ def test_a_burst_past_capacity_gets_only_200s_and_429s_with_retry_after(faults_u
             assert r.json()["error"]["type"] == "rate_limit_error"
 
 
+# ~250 tokens of JSON from the tiny model, held to it by the grammar: the grammar's state must
+# survive the gang's replacement for the answer to stay valid and token-exact.
+WORDS = {"type": "array", "items": {"enum": ["sea", "wave", "salt"]}, "minItems": 45, "maxItems": 45}
+
+
 def test_chat_and_grpc_streams_survive_a_killed_worker(served, faults_url):
-    """The same resumption for a chat stream and a gRPC stream, side by side."""
+    """The same resumption for a structured-output chat stream and a gRPC stream, side by side."""
     import grpc
+    import jsonschema
 
     from deployments.proto import shardserve_pb2 as pb
     from deployments.proto import shardserve_pb2_grpc as pb_grpc
 
     wait_healthy(faults_url)
-    chat = {"model": "faulty", "messages": [{"role": "user", "content": "Tell me about the sea"}], "max_tokens": 300,
-            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    chat = {"model": "faulty", "messages": [{"role": "user", "content": "Tell me about the sea"}], "max_tokens": 400,
+            "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": WORDS}}}  # fmt: skip
     want_chat = httpx.post(faults_url + "/v1/chat/completions", json=chat, headers=AUTH, timeout=120).json()
     want_chat = want_chat["choices"][0]["message"]["content"]
     metadata = (("authorization", f"Bearer {API_KEY}"), ("application", "faults"))
@@ -230,4 +236,5 @@ def test_chat_and_grpc_streams_survive_a_killed_worker(served, faults_url):
 
         chat_text, grpc_text = asyncio.run(main())
     assert chat_text == want_chat
+    jsonschema.validate(json.loads(chat_text), WORDS)
     assert grpc_text == want_grpc
