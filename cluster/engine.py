@@ -18,6 +18,7 @@ import asyncio
 import logging
 import math
 import secrets
+import sys
 import time
 import uuid
 from collections import deque
@@ -94,7 +95,8 @@ class LLMEngine:
         self.gang.init_cache(num_blocks)
         self.num_blocks = num_blocks
         print(f"shardserve: KV cache: {num_blocks} blocks of {config.block_size} tokens ({capacity} tokens) per worker; "
-              f"max_model_len {self.max_model_len}, up to {config.max_num_seqs} sequences a step", flush=True)  # fmt: skip
+              f"max_model_len {self.max_model_len}, up to {config.max_num_seqs} sequences a step", file=sys.stderr,
+              flush=True)  # fmt: skip
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         eos_token_ids = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -156,7 +157,7 @@ class Worker:
         kernels = f"CPU kernels {cpu_kernels.how_loaded or 'off'} ({kernels_s:.1f} s), " if self.device.type == "cpu" else ""
         print(f"shardserve: rank {self.plan.rank} (stage {s.stage + 1}/{s.num_stages}, tp {s.tp_rank + 1}/{s.tp_size}, "
               f"layers {s.layer_range[0]}-{s.layer_range[1] - 1}): {kernels}weights {report.bytes_read / 2**30:.2f} GiB read "
-              f"in {time.monotonic() - start - kernels_s:.1f} s", flush=True)  # fmt: skip
+              f"in {time.monotonic() - start - kernels_s:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
         return report
 
     def init_cache(self, num_blocks: int) -> None:
@@ -225,9 +226,11 @@ class _WeightsBar:
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
+            if os.environ.get(PROGRESS_BARS_ENV) != "1":
+                return
             import ray
 
-            if os.environ.get(PROGRESS_BARS_ENV) != "1" or not ray.is_initialized():
+            if not ray.is_initialized():
                 return
             from ray.experimental import tqdm_ray
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cluster.protocol import GenerateRequest, RequestOutput, TokenLogprob
 from deployments.protocol import RequestError
-from deployments.tools import ToolCall, ToolCallStream, ToolFormat, ToolSetup
+from deployments.tools import ToolCallStream, ToolFormat, ToolSetup
 from model.sampling_params import SamplingParams
 
 
@@ -420,19 +420,18 @@ def with_tool_calls(body: dict, fmt: ToolFormat) -> dict:
 
 
 def tool_call_chunk(chunk: dict, stream: ToolCallStream, item: RequestOutput) -> dict:
-    """A chat chunk whose text went through the stream's tool-call reader: content it lets out, and
-    at the end the calls as delta.tool_calls (each whole: its name and all its arguments)."""
+    """A chat chunk whose text went through the stream's tool-call reader: the content it lets out,
+    and the calls' fragments as delta.tool_calls (a call's id and name, then its arguments' text)."""
     choice = chunk["choices"][0]
-    content = stream.feed(item.text)
-    calls: list[ToolCall] = []
+    content, fragments = stream.feed(item.text)
     if item.finished:
-        rest, calls = stream.finish()
-        content += rest
+        rest, last = stream.finish()
+        content, fragments = content + rest, fragments + last
     choice["delta"]["content"] = content
-    if calls:
-        choice["delta"]["tool_calls"] = [c.openai(index=i) for i, c in enumerate(calls)]
-        if choice["finish_reason"] == "stop":
-            choice["finish_reason"] = "tool_calls"
+    if fragments:
+        choice["delta"]["tool_calls"] = fragments
+    if item.finished and stream.calls and choice["finish_reason"] == "stop":
+        choice["finish_reason"] = "tool_calls"
     return chunk
 
 

@@ -53,8 +53,19 @@ class ToolCallOut(_Strict):
     function: FunctionCallOut
 
 
-class ToolCallDelta(ToolCallOut):
-    index: int  # streamed: which call of the answer (each comes whole, in one delta)
+class FunctionCallDelta(_Strict):
+    name: str | None = None  # in the call's first fragment
+    arguments: str | None = None  # the next piece of the arguments' JSON text
+
+
+class ToolCallDelta(_Strict):
+    """A streamed fragment of a call: the first has its id, type and name; the next ones pieces of
+    its arguments, to be joined."""
+
+    index: int  # which call of the answer
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
 
 
 class AssistantMessage(_Strict):
@@ -82,7 +93,7 @@ class ChatCompletion(_Strict):
 class ChatDelta(_Strict):
     role: Literal["assistant"] | None = None  # in the first chunk only
     content: str
-    tool_calls: list[ToolCallDelta] | None = None  # in the last chunk, when the answer ends in tool calls
+    tool_calls: list[ToolCallDelta] | None = None  # fragments of the answer's tool calls, as they come
 
 
 class ChatChunkChoice(_Strict):

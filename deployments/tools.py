@@ -244,37 +244,135 @@ def tools_system_text(fmt: ToolFormat, tools: list[dict]) -> str:
             "The results come back in messages from the role 'tool'.")  # fmt: skip
 
 
+# A call object's head as models write it: its name first, then its arguments' key.
+CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
+class _CallObjects:
+    """Finds the call objects (top-level JSON objects) in the text of the calls as it grows, and
+    within the open one its name and the extent of its arguments, without parsing it whole."""
+
+    def __init__(self):
+        self.pos = 0  # characters scanned
+        self.depth = 0  # of braces, outside strings
+        self.in_string = self.escaped = False
+        self.start: int | None = None  # where the open object begins
+        self.args_end: int | None = None  # where the open object's arguments object ends, once it has
+
+    def scan(self, text: str, args_start: int | None) -> list[tuple[int, int]]:
+        """Scan the new text; returns the (start, end) of the objects that closed."""
+        closed = []
+        for i in range(self.pos, len(text)):
+            ch = text[i]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch == "{":
+                if self.depth == 0:
+                    self.start, self.args_end = i, None
+                self.depth += 1
+            elif ch == "}" and self.depth > 0:
+                self.depth -= 1
+                if self.depth == 1 and args_start is not None and i >= args_start and self.args_end is None:
+                    self.args_end = i + 1  # the arguments object closed; the call object goes on
+                if self.depth == 0:
+                    closed.append((self.start, i + 1))
+                    self.start = None
+        self.pos = len(text)
+        return closed
+
+
 class ToolCallStream:
-    """Streaming: content deltas go out at once unless they may begin tool calls; calls are parsed
-    once the text is complete and go out as delta.tool_calls."""
+    """Streaming, as OpenAI streams calls: content deltas go out at once unless they may begin tool
+    calls; then each call goes out as delta.tool_calls fragments: its id and name once the name is
+    whole, its arguments' text as it is generated. A call whose name does not come first goes out
+    whole once complete; held text that turns out to be no calls goes out as content at the end."""
 
     def __init__(self, fmt: ToolFormat):
         self.fmt = fmt
         self.text = ""  # everything generated so far
         self.sent = 0  # characters of text already sent as content
         self.holding = False  # the calls have begun: nothing more goes out as content
+        self.objects = _CallObjects()
+        self.calls: list[ToolCall] = []  # calls announced so far (ids, names; arguments as sent)
+        self.args_start: int | None = None  # in text: where the open call's arguments begin
+        self.args_sent = 0  # in text: how far the open call's arguments went out
 
-    def feed(self, delta: str) -> str:
-        """Content to send now."""
+    def feed(self, delta: str) -> tuple[str, list[dict]]:
+        """(content, tool-call delta fragments) to send now."""
         self.text += delta
-        if self.holding:
-            return ""
-        begin = self.fmt.calls_begin(self.text)
-        if begin is not None:
+        if not self.holding:
+            begin = self.fmt.calls_begin(self.text)
+            if begin is None:
+                end = len(self.text) - self.fmt.undecided_tail(self.text)
+                out, self.sent = self.text[self.sent : end], max(self.sent, end)
+                return out, []
             self.holding = True
             out, self.sent = self.text[self.sent : begin], begin
-            return out
-        end = len(self.text) - self.fmt.undecided_tail(self.text)
-        out, self.sent = self.text[self.sent : end], max(self.sent, end)
-        return out
+            self.objects.pos = begin
+            return out, self._fragments()
+        return "", self._fragments()
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """At the end: content still held back, and the calls (none if the held text was no calls)."""
+    def _fragments(self) -> list[dict]:
+        fragments = []
+        for start, end in self.objects.scan(self.text, self.args_start):
+            fragments += self._close(start, end)
+        if self.objects.start is not None:
+            if self.args_start is None:  # a new call: announce it once its name is whole
+                head = CALL_HEAD.match(self.text, self.objects.start)
+                if head is not None and head.end() <= len(self.text):
+                    name = json.loads(f'"{head.group(1)}"')
+                    self.calls.append(ToolCall(name, ""))
+                    self.args_start = self.args_sent = head.end()
+                    fragments.append(self.calls[-1].openai(index=len(self.calls) - 1))
+                    self.objects.scan(self.text, self.args_start)
+            if self.args_start is not None:
+                fragments += self._arguments(self.objects.args_end or len(self.text))
+        return fragments
+
+    def _arguments(self, upto: int) -> list[dict]:
+        """The open call's arguments text from where it was up to `upto` (blanks before them held)."""
+        if self.args_sent == self.args_start:
+            while self.args_sent < upto and self.text[self.args_sent].isspace():
+                self.args_sent += 1
+            self.args_start = self.args_sent
+        piece = self.text[self.args_sent : upto]
+        if not piece:
+            return []
+        self.args_sent = upto
+        return [{"index": len(self.calls) - 1, "function": {"arguments": piece}}]
+
+    def _close(self, start: int, end: int) -> list[dict]:
+        """A call object closed: the rest of its arguments, or, unannounced, the whole call."""
+        if self.args_start is not None and start < self.args_start:
+            fragments = self._arguments(self.objects.args_end or end - 1)
+            self.args_start = None
+            return fragments
+        try:
+            call = _load_call(json.loads(self.text[start:end]), self.fmt.args_key)
+        except json.JSONDecodeError:
+            call = None
+        if call is None:
+            return []
+        self.calls.append(call)
+        return [call.openai(index=len(self.calls) - 1)]
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """At the end: content still held back (all of it, if it was no calls) and the last fragments."""
         held = self.text[self.sent :]
         if not held:
             return "", []
+        fragments = self._fragments()
         content, calls = self.fmt.parse(held)
-        return (content or "") if calls else held, calls
+        if not calls and not self.calls:
+            return held, []
+        return (content or "") if calls else "", fragments
 
 
 @dataclass(frozen=True)

@@ -56,15 +56,30 @@ def _calls(calls) -> list[tuple[str, dict]]:
     return [(c.name, json.loads(c.arguments)) for c in calls]
 
 
-def _stream(fmt, text: str, seed: int) -> tuple[str, list]:
-    """The text fed in random pieces, as deltas arrive; (all content sent, calls at the end)."""
+def _stream(fmt, text: str, seed: int) -> tuple[str, list[tuple[str, dict]]]:
+    """The text fed in random pieces, as deltas arrive; (all content sent, the calls a client
+    assembles from the fragments: names and arguments concatenated per index)."""
     stream, rng, sent, i = ToolCallStream(fmt), random.Random(seed), "", 0
+    calls: dict[int, dict] = {}
+
+    def take(content: str, fragments: list[dict]) -> None:
+        nonlocal sent
+        sent += content
+        for f in fragments:
+            call = calls.setdefault(f["index"], {"id": None, "name": "", "arguments": ""})
+            if "id" in f:
+                assert call["id"] is None, "a call is announced once"
+                call["id"] = f["id"]
+            call["name"] += f["function"].get("name", "")
+            call["arguments"] += f["function"].get("arguments", "")
+
     while i < len(text):
         n = rng.randint(1, 7)
-        sent += stream.feed(text[i : i + n])
+        take(*stream.feed(text[i : i + n]))
         i += n
-    rest, calls = stream.finish()
-    return sent + rest, calls
+    take(*stream.finish())
+    assert all(c["id"] for c in calls.values())
+    return sent, [(calls[k]["name"], json.loads(calls[k]["arguments"])) for k in sorted(calls)]
 
 
 @pytest.mark.parametrize("name", list(RECORDED))
@@ -75,7 +90,7 @@ def test_recorded_outputs_parse_whole_and_streamed(name):
         assert (got_content, _calls(got_calls)) == (content, calls)
         for seed in range(5):
             streamed, streamed_calls = _stream(fmt, text, seed)
-            assert _calls(streamed_calls) == calls
+            assert streamed_calls == calls
             assert streamed.strip() == (content or "")
     for text in NOT_CALLS:  # plain answers stay plain, streamed or not
         assert fmt.parse(text) == (text, [])
