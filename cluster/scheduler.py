@@ -52,7 +52,6 @@ class Sequence:
     admitted_len: int = 0  # num_tokens when last admitted: positions below it are prefill/recompute
     matcher: object | None = None  # structured output: the grammar's state over output_ids (cluster/guided.py)
     cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted (usage reports it)
-    admitted: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -235,12 +234,12 @@ class Scheduler:
             seq.block_ids = shared + self.allocator.allocate(need)
             seq.num_computed = start
             seq.num_registered = len(shared)
+            if seq.admitted_len == 0:  # first admission: a preempted sequence's recompute is not what its prompt cost
+                seq.cached_tokens = min(start, len(seq.prompt_ids))
             seq.admitted_len = seq.num_tokens
             if self.enable_prefix_caching:
                 self.prefix_cache_query_tokens += seq.num_tokens
                 self.prefix_cache_hit_tokens += start
-            if not seq.admitted:  # a preempted sequence's recompute is not what the client's prompt cost
-                seq.admitted, seq.cached_tokens = True, min(start, len(seq.prompt_ids))
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

@@ -339,15 +339,14 @@ class LLMServer:
                 first = index not in last
                 prefix = plan.echo[index] if plan.echo and first else ""
                 chunk = shape.chunk(item, index, rid, self.model_name, self.created, first=first, prefix=prefix)
+                last[index] = item
                 if plan.tool_format is not None:
                     stream = tool_streams.setdefault(index, ToolCallStream(plan.tool_format))
                     chunk = tool_call_chunk(chunk, stream, item)
                     delta = chunk["choices"][0]["delta"]
                     if not (first or delta["content"] or "tool_calls" in delta or item.finished):
-                        last[index] = item
                         continue  # text held back (it may begin a call): nothing to send for it yet
                 yield f"data: {json.dumps(chunk)}\n\n"
-                last[index] = item
         except RequestError as e:  # never a silently cut stream: an error event, then the end
             yield f"data: {json.dumps(error_body(e.message, e.type, code=e.code))}\n\n"
             yield "data: [DONE]\n\n"

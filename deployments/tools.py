@@ -326,12 +326,11 @@ class ToolCallStream:
         if self.objects.start is not None:
             if self.args_start is None:  # a new call: announce it once its name is whole
                 head = CALL_HEAD.match(self.text, self.objects.start)
-                if head is not None and head.end() <= len(self.text):
+                if head is not None:
                     name = json.loads(f'"{head.group(1)}"')
                     self.calls.append(ToolCall(name, ""))
                     self.args_start = self.args_sent = head.end()
                     fragments.append(self.calls[-1].openai(index=len(self.calls) - 1))
-                    self.objects.scan(self.text, self.args_start)
             if self.args_start is not None:
                 fragments += self._arguments(self.objects.args_end or len(self.text))
         return fragments
