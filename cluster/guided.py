@@ -23,8 +23,9 @@ import llguidance.hf
 from cluster.protocol import InvalidRequestError
 
 GRAMMAR_CACHE_SIZE = 256  # distinct schemas kept compiled
-# JSON as the grammar writes it: no free whitespace (a model cannot wander off into blanks), and
-# "additionalProperties" / "required" as the schema says, not relaxed.
+# JSON as the grammar writes it: no free whitespace (a model cannot wander off into blanks); oneOf
+# is taken as anyOf (a grammar cannot check that exactly one branch matches; without this, a oneOf
+# whose branches may overlap is refused).
 COMPILE_OPTIONS = {"whitespace_flexible": False, "coerce_one_of": True}
 
 
