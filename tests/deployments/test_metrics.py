@@ -58,10 +58,11 @@ def scrape() -> dict[str, float]:
 
 
 def test_metrics_reach_rays_prometheus_export(served):
-    # One shared system prompt keeps them on one replica (prefix affinity) and gives prefix-cache
-    # hits; together they need more than its 256 KV blocks, so the engine must preempt.
+    # One shared system prompt gives prefix-cache hits (and mostly keeps them on one replica). However
+    # the router splits the 14, one replica holds 7 or more: 7 x 650 tokens are more than its 256 KV
+    # blocks of 16, so the engine must preempt.
     post_chats(served.http, [greedy_chat(SYSTEM, "storm -1", max_tokens=1)])  # a replica takes the prefix
-    post_chats(served.http, [greedy_chat(SYSTEM, f"storm {i}", max_tokens=650) for i in range(9)])
+    post_chats(served.http, [greedy_chat(SYSTEM, f"storm {i}", max_tokens=650) for i in range(14)])
     httpx.post(served.http + "/v1/completions", json={"model": "nope", "prompt": "x"}, headers=AUTH, timeout=60)
 
     deadline = time.monotonic() + 90
