@@ -165,7 +165,10 @@ def test_requests_without_them_are_unchanged_and_carry_nothing(engine, tiny_llam
     engine.recorded_steps.clear()
     results = asyncio.run(mixed())
     assert [r.token_ids for r in results[: len(PROMPTS)]] == [w.token_ids for w in want]
-    assert [r.logprobs for r in results[: len(PROMPTS)]] == [a.logprobs for a in alone]
+    # Logprobs to the parity tolerance: a different batch is a different matmul shape, and its float
+    # rounding may move the last digits (the tokens stay exact).
+    for r, a in zip(results[: len(PROMPTS)], alone):
+        assert r.logprobs == pytest.approx(a.logprobs, abs=LOGPROB_ATOL)
     for step in engine.recorded_steps:  # only the penalised rows carry token ids and bans
         for rows in (step.penalty_ids, step.banned_ids):
             assert all(step.sampling[r].penalizes or step.sampling[r].min_tokens for r in rows)
