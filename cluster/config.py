@@ -68,8 +68,9 @@ class EngineConfig(BaseModel):
     max_migrations: int = Field(
         2,
         ge=0,
-        description="Times a request may be resumed on a new gang after a worker of its gang dies or hangs "
-        "(recomputed from its prompt and the tokens already sent); past that, or at 0, it fails with an error.",
+        description="Times a request may be resumed on a new gang after a worker of its gang dies or hangs, or, "
+        "with replica_failover, on another replica after its replica dies (recomputed from its prompt and the "
+        "tokens already sent); past that, or at 0, it fails with an error.",
     )
     recovery_timeout_s: float = Field(
         300.0, gt=0, description="Seconds a new gang may take to start and load; past that the replica fails."

@@ -144,9 +144,16 @@ class LLMEngine:
         seq.matcher = matcher
         req = _Request(seq, OutputStream(self.tokenizer, request_id, prompt_ids, params))
         self._requests[request_id] = req
+        finished = False
+        if request.resume is not None:
+            replay = self._replay(req, request.resume)
+            if replay.finished:  # it had ended: nothing to run, only its state to report
+                self.abort(request_id)
+                yield replay
+                return
+            req.queue.put_nowait(replay)
         self._ensure_loop()
         self._wakeup.set()
-        finished = False
         try:
             while True:
                 item = await req.queue.get()
@@ -159,6 +166,24 @@ class LLMEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    def _replay(self, req: _Request, resume) -> RequestOutput:
+        """The tokens another replica already streamed, taken as if sampled here (the sequence, its
+        grammar, its detokenizer and counts move on through them), as one delta: the first of the
+        stream, which the caller does not send again. The sequence is still waiting, so its prefill
+        computes them with the prompt."""
+        seq, text, last = req.seq, [], None
+        for token in resume.token_ids:
+            seq.output_ids.append(token)
+            if seq.matcher is not None:
+                seq.matcher.consume_token(token)
+            last = req.stream.add(token, None, None, None)
+            text.append(last.text)
+        if resume.finish_reason is not None:
+            text.append(req.stream.detok.flush())
+        return RequestOutput(req.seq.request_id, "".join(text), list(resume.token_ids), None,
+                             finished=resume.finish_reason is not None, finish_reason=resume.finish_reason,
+                             prompt_tokens=req.stream.prompt_tokens, completion_tokens=req.stream.completion_tokens)  # fmt: skip
 
     def abort(self, request_id: str) -> None:
         req = self._requests.pop(request_id, None)

@@ -16,12 +16,23 @@ Prompt = Union[str, list[ChatMessage], list[int]]
 
 
 @dataclass(frozen=True)
+class Resume:
+    """What a request's stream already delivered from a replica that then failed: its tokens, and
+    its finish reason when it had ended. The engine replays them (nothing is computed or sent for
+    them) and goes on from there, as it does for its own gang's failure."""
+
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     prompt: Prompt  # text, chat messages, or token ids
     params: SamplingParams  # params.max_tokens None: until the context is full
     raw: bool = False  # text as is, not wrapped in the model's chat template
     request_id: str | None = None  # None: the engine picks one
     tools: list[dict] | None = None  # OpenAI tool definitions, handed to the chat template
+    resume: Resume | None = None  # continue a stream another replica began
 
 
 @dataclass

@@ -20,6 +20,7 @@ from ray.serve.config import gRPCOptions
 from deployments.config import AppConfig, Listeners, parse_app_config
 from deployments.llm_server import llm_server_deployment
 from deployments.placement import ROUTER_CPUS
+from deployments.relay import Relay
 from deployments.router import Router
 from model.sources import DEFAULT_MODEL, HUB_ID
 
@@ -52,6 +53,10 @@ def build_app(args: AppConfig | dict) -> Application:
     # constructor arguments means a change to them alone does not change what a replica is built from.
     replica_args = config.model_copy(update={"num_replicas": 1, "autoscaling": None})
     server = llm_server_deployment(config).bind(replica_args, served_name(config))
+    if config.replica_failover:  # the Relay is the ingress, through HAProxy or Serve's proxy alike
+        relay = serve.deployment(Relay, name="Relay", ray_actor_options={"num_cpus": ROUTER_CPUS},
+                                 max_ongoing_requests=1000)  # fmt: skip
+        return relay.bind(server, config.max_migrations, config.recovery_timeout_s, config.max_request_body_bytes)
     if not haproxy_enabled():
         return server
     router = serve.deployment(Router, name="Router", ray_actor_options={"num_cpus": ROUTER_CPUS},

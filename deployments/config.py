@@ -91,6 +91,12 @@ class AppConfig(EngineConfig):
         description="How the model writes tool calls: `<tool_call>` blocks (hermes: Qwen2, Hermes), JSON objects "
         "(llama3_json: Llama 3.1+) or `[TOOL_CALLS]` (mistral); auto = from the chat template, hermes if it shows none.",
     )
+    replica_failover: bool = Field(
+        False,
+        description="A Relay deployment holds every stream and resumes it on another replica, token-exact, "
+        "when its replica's process dies (max_migrations, recovery_timeout_s bound it); costs one process more "
+        "on each token's way. Off: tokens go straight from the replica, and a replica's death ends its streams.",
+    )
     max_request_body_bytes: int = Field(
         4 << 20, ge=1024, description="Largest request body accepted; a larger one gets 413 before it is parsed."
     )

@@ -24,11 +24,9 @@ from typing import AsyncIterator
 
 import grpc
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.util import get_current_placement_group
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.engine import LLMEngine
 from cluster.protocol import EngineDeadError, GenerateRequest, InvalidRequestError, RequestOutput
@@ -39,11 +37,12 @@ from deployments.config import AppConfig, AutoscalingConfig, read_api_key
 from deployments.grpc_protocol import GRPC_STATUS, grpc_request_body, grpc_response
 from deployments.metrics import ReplicaMetrics, RequestTimer, RouterMetrics
 from deployments.openai_protocol import (ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape,
-                                         chat_request, completion_request, error_body, error_response, read_json,
-                                         tool_call_chunk, usage_of, validate, with_tool_calls)
+                                         chat_request, completion_request, error_body, error_response, install_error_handlers,
+                                         parse_json, read_json, tool_call_chunk, usage_of, validate, with_tool_calls)
 from deployments.placement import replica_actor_options, replica_bundles, replica_engine_config
 from deployments.proto import shardserve_pb2 as pb
-from deployments.protocol import RequestError
+from deployments.protocol import RelayCall, RelayHead, RequestError
+from deployments.request_router import RoutingRequest
 from deployments.tools import ToolCallStream, ToolSetup
 
 METRICS_PERIOD_S = 2.0  # how often engine gauges are refreshed
@@ -59,31 +58,14 @@ api = FastAPI(title="shardserve", description="OpenAI-compatible API of a sharde
 api.openapi = lambda: openai_schema.openapi(api)  # the bodies the routes read themselves, described
 
 
-# Every error the app answers has the OpenAI body, the framework's own included: an unknown path
-# (404), a wrong method (405), an undecodable body.
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, e: StarletteHTTPException):
-    if e.status_code == 404:
-        message = f"no route {request.method} {request.url.path}; see /v1/models, /v1/completions, /v1/chat/completions"
-    elif e.status_code == 405:
-        message = f"method {request.method} is not allowed on {request.url.path}"
-    else:
-        message = str(e.detail)
-    kind = "not_found" if e.status_code == 404 else "invalid_request_error"
-    return JSONResponse(error_body(message, kind), status_code=e.status_code, headers=getattr(e, "headers", None))
+install_error_handlers(api)
 
 
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, e: RequestValidationError):
-    return error_response(RequestError.invalid(f"invalid request: {e.errors()[0].get('msg', 'bad value')}"))
+SHAPES = {"/v1/chat/completions": ChatShape, "/v1/completions": CompletionShape}
 
 
-@api.exception_handler(Exception)
-async def _internal_error(request: Request, e: Exception):
-    # The detail (a traceback, actor ids, addresses) goes to the replica's log; the client gets the id to quote.
-    rid = uuid.uuid4().hex
-    log.error("request %s (%s %s) failed", rid, request.method, request.url.path, exc_info=e)
-    return error_response(RequestError(500, f"internal error (request id {rid})", type_="internal_error"))
+def _include_usage(req) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
 
 
 class _Deltas:
@@ -166,7 +148,6 @@ async def merge_streams(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIte
             await stream.aclose()
 
 
-@serve.ingress(api)
 class LLMServer:
     def __init__(self, config: AppConfig, model_name: str):
         self.api_key = config.api_key if config.api_key_file is None else read_api_key(config.api_key_file)
@@ -282,46 +263,83 @@ class LLMServer:
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "shardserve"}
 
-    # -- HTTP -------------------------------------------------------------------------------
-    async def _http_request(self, request: Request, model_cls):
-        """The validated request body; raises RequestError to refuse it."""
-        self._authorize(request.headers.get("authorization"))
-        body = await read_json(request, self.max_body_bytes)
+    # -- HTTP, straight from a client or relayed by the Router ----------------------------
+    async def _open(self, route: str, body: dict, rid: str, resume: dict | None = None):
+        """The validated request, its plan and its started choices; raises RequestError to refuse it."""
         self._check_model(body.get("model"))
-        return validate(body, model_cls)
+        if route == "/v1/chat/completions":
+            req = validate(body, ChatCompletionRequest)
+            plan = chat_request(req, self.tooling)
+        else:
+            req = validate(body, CompletionRequest)
+            plan = completion_request(req, lambda ids: self.engine.tokenizer.decode(ids))  # echo of token-id prompts
+        return req, plan, await self._start_all(plan.requests, rid, resume)
 
-    async def _respond(self, request: Request, model_cls, to_request, shape):
-        route = request.url.path
+    async def _respond(self, request: Request, route: str):
         rid = uuid.uuid4().hex
         headers = {"x-request-id": rid, "x-shardserve-replica": self.replica}  # the replica, for debugging
         try:
-            req = await self._http_request(request, model_cls)
-            plan = to_request(req)
-            outputs = await self._start_all(plan.requests, rid)
+            self._authorize(request.headers.get("authorization"))
+            req, plan, outputs = await self._open(route, await read_json(request, self.max_body_bytes), rid)
         except RequestError as e:
             self.requests.request(route, e.status)
             return error_response(e, headers)
         self.requests.request(route, 200)
+        shape = SHAPES[route]
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(outputs, shape, rid, include_usage, plan),
-                                     media_type="text/event-stream", headers=headers)  # fmt: skip
-        choices: list[list[RequestOutput]] = [[] for _ in plan.requests]
+            events = self._events(outputs, shape, rid, self.created, _include_usage(req), plan)
+            return StreamingResponse((text async for text, _, _ in events if text), media_type="text/event-stream",
+                                     headers=headers)  # fmt: skip
         try:
-            async for index, item in outputs:
-                choices[index].append(item)
+            body = await self._full(outputs, shape, rid, self.created, plan)
         except RequestError as e:  # the model failed mid-request
             return error_response(e, headers)
-        body = shape.full(choices, rid, self.model_name, self.created, plan)
-        return JSONResponse(with_tool_calls(body, plan.tool_format) if plan.tool_format else body, headers=headers)
+        return JSONResponse(body, headers=headers)
 
-    async def _start_all(self, requests: list[GenerateRequest], rid: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def relay(self, routing: RoutingRequest | None, call: RelayCall) -> AsyncIterator:
+        """The Router's way in (``replica_failover``): the answer the HTTP routes give, as items the
+        Router forwards: a RelayHead, then, streamed, one (SSE text, choice, token ids, finish
+        reason) per delta, so the Router knows what each choice has delivered. ``routing`` is only
+        for the request router (it reads the first argument)."""
+        headers = {"x-request-id": call.rid, "x-shardserve-replica": self.replica}
+        try:
+            self._authorize(call.authorization)
+            req, plan, outputs = await self._open(call.route, parse_json(call.body), call.rid, call.resume)
+        except RequestError as e:
+            self.requests.request(call.route, e.status)
+            yield RelayHead.error(e, headers)
+            return
+        self.requests.request(call.route, 200)
+        shape = SHAPES[call.route]
+        if not req.stream:
+            try:
+                yield RelayHead(200, headers, await self._full(outputs, shape, call.rid, call.created, plan))
+            except RequestError as e:
+                yield RelayHead.error(e, headers)
+            return
+        yield RelayHead(200, headers, None)
+        resumed = set(call.resume or ())
+        async for text, index, item in self._events(outputs, shape, call.rid, call.created, _include_usage(req),
+                                                    plan, resumed):  # fmt: skip
+            yield text, index, item and item.token_ids, item and item.finish_reason
+
+    async def _full(self, outputs, shape, rid: str, created: int, plan) -> dict:
+        choices: list[list[RequestOutput]] = [[] for _ in plan.requests]
+        async for index, item in outputs:
+            choices[index].append(item)
+        body = shape.full(choices, rid, self.model_name, created, plan)
+        return with_tool_calls(body, plan.tool_format) if plan.tool_format else body
+
+    async def _start_all(self, requests: list[GenerateRequest], rid: str,
+                         resume: dict | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:  # fmt: skip
         """Every choice started, as one stream of (choice index, delta). The first runs alone until its
-        first token: the others then find its prompt in the prefix cache instead of computing it again."""
+        first token: the others then find its prompt in the prefix cache instead of computing it again.
+        ``resume`` maps a choice to what another replica already delivered of it (cluster.protocol.Resume)."""
         ids = [rid] if len(requests) == 1 else [f"{rid}-{i}" for i in range(len(requests))]
-        streams = [await self._start(dataclasses.replace(requests[0], request_id=ids[0]))]
-        rest = await asyncio.gather(*(self._start(dataclasses.replace(r, request_id=i))
-                                      for r, i in zip(requests[1:], ids[1:])), return_exceptions=True)  # fmt: skip
+        resume = resume or {}
+        requests = [dataclasses.replace(r, request_id=ids[i], resume=resume.get(i)) for i, r in enumerate(requests)]
+        streams = [await self._start(requests[0])]
+        rest = await asyncio.gather(*(self._start(r) for r in requests[1:]), return_exceptions=True)
         streams += [r for r in rest if not isinstance(r, BaseException)]
         refused = next((r for r in rest if isinstance(r, BaseException)), None)
         if refused is not None:  # all or nothing: let go of the choices that did start
@@ -330,35 +348,39 @@ class LLMServer:
             raise refused
         return merge_streams(streams)
 
-    async def _sse(self, outputs: AsyncIterator[tuple[int, RequestOutput]], shape, rid: str, include_usage: bool,
-                   plan) -> AsyncIterator[str]:  # fmt: skip
+    async def _events(self, outputs: AsyncIterator[tuple[int, RequestOutput]], shape, rid: str, created: int,
+                      include_usage: bool, plan, resumed: set[int] = frozenset()):  # fmt: skip
+        """The SSE events of a streamed request, each as (text, choice index, delta). The text is empty
+        for a delta with nothing to send yet (tool-call text held back) and for a resumed choice's first
+        delta, the replay of what the client already has: both still move the choice's state on.
+        The usage and [DONE] events come with no delta."""
         last: dict[int, RequestOutput] = {}
         tool_streams = {}
         try:
             async for index, item in outputs:
                 first = index not in last
                 prefix = plan.echo[index] if plan.echo and first else ""
-                chunk = shape.chunk(item, index, rid, self.model_name, self.created, first=first, prefix=prefix)
+                chunk = shape.chunk(item, index, rid, self.model_name, created, first=first, prefix=prefix)
                 last[index] = item
+                send = not (first and index in resumed)
                 if plan.tool_format is not None:
                     stream = tool_streams.setdefault(index, ToolCallStream(plan.tool_format))
                     chunk = tool_call_chunk(chunk, stream, item)
                     delta = chunk["choices"][0]["delta"]
-                    if not (first or delta["content"] or "tool_calls" in delta or item.finished):
-                        continue  # text held back (it may begin a call): nothing to send for it yet
-                yield f"data: {json.dumps(chunk)}\n\n"
+                    # text held back (it may begin a call): nothing to send for it yet
+                    send = send and (first or delta["content"] or "tool_calls" in delta or item.finished)
+                yield (f"data: {json.dumps(chunk)}\n\n" if send else ""), index, item
         except RequestError as e:  # never a silently cut stream: an error event, then the end
-            yield f"data: {json.dumps(error_body(e.message, e.type, code=e.code))}\n\n"
-            yield "data: [DONE]\n\n"
+            yield f"data: {json.dumps(error_body(e.message, e.type, code=e.code))}\n\n", None, None
+            yield "data: [DONE]\n\n", None, None
             return
         if include_usage:
             usage = usage_of([last[i] for i in sorted(last)], plan.n)
-            yield f"data: {json.dumps(shape.usage_chunk(usage, rid, self.model_name, self.created))}\n\n"
-        yield "data: [DONE]\n\n"
+            yield f"data: {json.dumps(shape.usage_chunk(usage, rid, self.model_name, created))}\n\n", None, None
+        yield "data: [DONE]\n\n", None, None
 
-    @api.get("/health")
-    async def health(self):
-        """200 when this replica would serve a request; 503 with the reason when it would not."""
+    async def _health_refusal(self) -> RequestError | None:
+        """None when this replica would serve a request now; otherwise why not."""
         refusal = self._unavailable_reason()
         if refusal is None and self.engine.recovering:  # requests are taken, and served once it is back
             refusal = RequestError.unavailable("a worker failed; a new one is starting", retry_after=1,
@@ -369,39 +391,59 @@ class LLMServer:
             except Exception as e:
                 log.error("health check failed: %s", e)
                 refusal = RequestError.unavailable("model is unavailable: its engine failed", code="engine_failed")
-        if refusal is not None:
-            return error_response(refusal)
-        return {"status": "serving"}
+        return refusal
+
+    def _models(self, route: str, authorization: str | None, model_id: str | None = None) -> dict:
+        """The model list, or one model's card; raises RequestError."""
+        try:
+            self._authorize(authorization)
+            if model_id is not None:
+                self._check_model(model_id)
+        except RequestError as e:
+            self.requests.request(route, e.status)
+            raise
+        self.requests.request(route, 200)
+        return self._model_card() if model_id is not None else {"object": "list", "data": [self._model_card()]}
+
+    async def relay_get(self, path: str, authorization: str | None) -> RelayHead:
+        """The Router's way in for /health, /v1/models and /v1/models/{id} (``replica_failover``)."""
+        if path == "/health":
+            refusal = await self._health_refusal()
+            return RelayHead(200, {}, {"status": "serving"}) if refusal is None else RelayHead.error(refusal, {})
+        try:
+            if path == "/v1/models":
+                return RelayHead(200, {}, self._models(path, authorization))
+            return RelayHead(200, {}, self._models("/v1/models/{id}", authorization, path.removeprefix("/v1/models/")))
+        except RequestError as e:
+            return RelayHead.error(e, {})
+
+    @api.get("/health")
+    async def health(self):
+        """200 when this replica would serve a request; 503 with the reason when it would not."""
+        refusal = await self._health_refusal()
+        return {"status": "serving"} if refusal is None else error_response(refusal)
 
     @api.get("/v1/models")
     async def models(self, request: Request):
         try:
-            self._authorize(request.headers.get("authorization"))
+            return self._models("/v1/models", request.headers.get("authorization"))
         except RequestError as e:
-            self.requests.request("/v1/models", e.status)
             return error_response(e)
-        self.requests.request("/v1/models", 200)
-        return {"object": "list", "data": [self._model_card()]}
 
     @api.get("/v1/models/{model_id:path}")
     async def model(self, request: Request, model_id: str):
         try:
-            self._authorize(request.headers.get("authorization"))
-            self._check_model(model_id)
+            return self._models("/v1/models/{id}", request.headers.get("authorization"), model_id)
         except RequestError as e:
-            self.requests.request("/v1/models/{id}", e.status)
             return error_response(e)
-        self.requests.request("/v1/models/{id}", 200)
-        return self._model_card()
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        return await self._respond(request, ChatCompletionRequest, lambda req: chat_request(req, self.tooling), ChatShape)
+        return await self._respond(request, "/v1/chat/completions")
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        decode = lambda ids: self.engine.tokenizer.decode(ids)  # noqa: E731  (echo of token-id prompts)
-        return await self._respond(request, CompletionRequest, lambda req: completion_request(req, decode), CompletionShape)
+        return await self._respond(request, "/v1/completions")
 
     # -- gRPC (method names are the RPC names in deployments/proto/shardserve.proto) ---------
     async def _grpc_start(self, request: pb.GenerateRequest, grpc_context, route: str, rid: str) -> AsyncIterator[RequestOutput]:
@@ -461,6 +503,10 @@ class LLMServer:
         return pb.HealthResponse(status="ok")
 
 
+# The replica answering HTTP itself. Made once: serve.ingress rewrites the routes of `api` in place.
+IngressLLMServer = serve.ingress(api)(LLMServer)
+
+
 def serve_autoscaling_config(a: AutoscalingConfig) -> dict:
     """The config's autoscaling block in Serve's terms."""
     out = {
@@ -509,4 +555,5 @@ def llm_server_deployment(config: AppConfig):
         options["autoscaling_config"] = serve_autoscaling_config(config.autoscaling)
     else:
         options["num_replicas"] = config.num_replicas
-    return serve.deployment(LLMServer, **options)
+    # Serve takes one FastAPI ingress per app: with the Relay in front, the replicas answer its handle calls only.
+    return serve.deployment(LLMServer if config.replica_failover else IngressLLMServer, **options)

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from fastapi import Request
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.protocol import GenerateRequest, RequestOutput, TokenLogprob
 from deployments.protocol import RequestError
 from deployments.tools import ToolCallStream, ToolFormat, ToolSetup
 from model.sampling_params import SamplingParams
+
+log = logging.getLogger("shardserve")
 
 
 MAX_CHOICES = 64  # n, and n times the prompts of one /v1/completions request
@@ -212,13 +218,40 @@ def error_response(e: RequestError, headers: dict | None = None) -> JSONResponse
     headers = dict(headers or {})
     if e.retry_after is not None:
         headers["Retry-After"] = str(e.retry_after)
-    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=headers)
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app answers gets the OpenAI body, the framework's own included: an unknown
+    path (404), a wrong method (405), an undecodable body, an exception nothing caught."""
+
+    async def http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see /v1/models, /v1/completions, /v1/chat/completions"
+        elif e.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(e.detail)
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(message, kind), status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    async def validation_error(request: Request, e: RequestValidationError):
+        return error_response(RequestError.invalid(f"invalid request: {e.errors()[0].get('msg', 'bad value')}"))
+
+    async def internal_error(request: Request, e: Exception):
+        # The detail (a traceback, actor ids, addresses) goes to the log; the client gets the id to quote.
+        rid = uuid.uuid4().hex
+        log.error("request %s (%s %s) failed", rid, request.method, request.url.path, exc_info=e)
+        return error_response(RequestError(500, f"internal error (request id {rid})", type_="internal_error"))
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
 
 
 # -- requests ---------------------------------------------------------------------------------------
-async def read_json(request: Request, max_bytes: int) -> dict:
-    """The body as a JSON object, read no further than `max_bytes`: 413 past it, 400 for a body
-    that is not UTF-8, not JSON, nested deeper than the parser goes, or not an object."""
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, read no further than `max_bytes`: 413 past it."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
@@ -228,8 +261,19 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         if size > max_bytes:
             raise _too_large(max_bytes)
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, max_bytes: int) -> dict:
+    """The body as a JSON object (parse_json), read no further than `max_bytes`: 413 past it."""
+    return parse_json(await read_body(request, max_bytes))
+
+
+def parse_json(raw: bytes) -> dict:
+    """A body as a JSON object; 400 for one that is not UTF-8, not JSON, nested deeper than the
+    parser goes, or not an object."""
     try:
-        text = b"".join(chunks).decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RequestError.invalid(f"request body is not valid UTF-8 (byte {e.start})") from None
     try:

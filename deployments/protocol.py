@@ -1,7 +1,12 @@
 """RequestError: every refusal of a request, carrying its HTTP status and OpenAI error fields
-(gRPC maps the status to a code)."""
+(gRPC maps the status to a code); RelayCall and RelayHead: what the Router and a replica pass
+when the Router holds the streams (``replica_failover``)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.protocol import Resume
 
 
 class RequestError(Exception):
@@ -13,6 +18,10 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.retry_after = retry_after
+
+    def body(self) -> dict:
+        """The OpenAI error body."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def __reduce__(self):  # picklable, so it can cross to Serve's gRPC proxy
         return _request_error, (self.status, self.message, self.type, self.param, self.code, self.retry_after)
@@ -28,3 +37,32 @@ class RequestError(Exception):
 
 def _request_error(status, message, type_, param, code, retry_after=None) -> RequestError:
     return RequestError(status, message, type_=type_, param=param, code=code, retry_after=retry_after)
+
+
+@dataclass(frozen=True)
+class RelayCall:
+    """An HTTP request as the Router relays it to a replica (``replica_failover``): the body as the
+    client sent it (the replica parses and checks it), and what the Router fixes for the whole
+    answer, whichever replicas write it: its id, its creation time and, after a replica failed,
+    what each choice already delivered."""
+
+    route: str  # "/v1/chat/completions" | "/v1/completions"
+    authorization: str | None
+    body: bytes
+    rid: str
+    created: int
+    resume: dict[int, Resume] | None = None  # choice index -> what the client already has of it
+
+
+@dataclass(frozen=True)
+class RelayHead:
+    """The first item of a relayed answer: its status and headers, and its JSON body unless it streams."""
+
+    status: int
+    headers: dict[str, str]
+    body: dict | None
+
+    @classmethod
+    def error(cls, e: RequestError, headers: dict[str, str]) -> "RelayHead":
+        headers = dict(headers) | ({"Retry-After": str(e.retry_after)} if e.retry_after is not None else {})
+        return cls(e.status, headers, e.body())

@@ -136,7 +136,7 @@ def assert_error_event_then_done(events: list) -> None:
 
 
 def text_of(events: list) -> str:
-    return "".join(e["choices"][0]["text"] for e in events if isinstance(e, dict) and "choices" in e)
+    return "".join(e["choices"][0]["text"] for e in events if isinstance(e, dict) and e.get("choices"))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
@@ -238,3 +238,131 @@ def test_chat_and_grpc_streams_survive_a_killed_worker(served, faults_url):
     assert chat_text == want_chat
     jsonschema.validate(json.loads(chat_text), WORDS)
     assert grpc_text == want_grpc
+
+
+# -- replica_failover: the Relay holds the streams, and a replica's own death is survived -----------
+@pytest.fixture(scope="module")
+def failover_url(served, tiny_llama_dir):
+    from ray import serve
+
+    serve.delete("faults")  # one faults app at a time (CPUs, and the worker bookkeeping above)
+    url = start_app(served, tiny_llama_dir, "failover", replica_failover=True, num_replicas=2, tensor_parallel_size=1,
+                    pipeline_parallel_size=2, max_queued_requests=-1)  # fmt: skip
+    yield url
+    serve.delete("failover")
+
+
+def replica_pid(app: str, replica_id: str) -> int:
+    """The process of one of the app's LLMServer replicas."""
+    import ray
+
+    actor = ray.get_actor(f"SERVE_REPLICA::{app}#LLMServer#{replica_id}", namespace="serve")
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+
+
+def replica_ids(app: str) -> list[str]:
+    """The app's live LLMServer replicas."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#LLMServer#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    return [name.removeprefix(prefix) for name in names]
+
+
+def kill_replica_mid_answer(url: str, app: str, bodies: list[dict]) -> tuple[list, float]:
+    """Send the bodies at once (streamed ones read as events); once every stream has tokens, SIGKILL
+    the replica serving the first. Each answer (events, or the JSON body), and how long after the
+    kill the last ended."""
+
+    async def one(client: httpx.AsyncClient, body: dict, started: asyncio.Event, replica: list):
+        if not body.get("stream"):
+            started.set()
+            r = await client.post(url + "/v1/completions", json=body, headers=AUTH)
+            return r.json()
+        events = []
+        async with client.stream("POST", url + "/v1/completions", json=body, headers=AUTH) as r:
+            assert r.status_code == 200
+            replica.append(r.headers["x-shardserve-replica"])
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    data = line[len("data: "):]
+                    events.append(data if data == "[DONE]" else json.loads(data))
+                    started.set()
+        return events
+
+    async def main():
+        async with httpx.AsyncClient(timeout=180) as client:
+            started, replica = [asyncio.Event() for _ in bodies], []
+            tasks = [asyncio.ensure_future(one(client, b, s, replica)) for b, s in zip(bodies, started)]
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 60)
+            os.kill(replica_pid(app, replica[0]), signal.SIGKILL)
+            t0 = time.monotonic()
+            answers = await asyncio.wait_for(asyncio.gather(*tasks), 180)
+            return answers, time.monotonic() - t0
+
+    return asyncio.run(main())
+
+
+def test_streams_survive_a_killed_replica_token_for_token(failover_url):
+    """replica_failover, 2 replicas of a PP=2 gang: SIGKILL the replica process serving two streams and
+    a non-streamed request. The streams resume on the other replica with the tokens already sent and
+    end with the undisturbed greedy text, one finish_reason and [DONE]; the non-streamed request is
+    answered whole; Serve replaces the replica."""
+    wait_healthy(failover_url)
+    want = httpx.post(failover_url + "/v1/completions", json=LONG, headers=AUTH, timeout=120).json()["choices"][0]["text"]
+    streamed = {**LONG, "stream": True, "stream_options": {"include_usage": True}}
+    answers, ended_after = kill_replica_mid_answer(failover_url, "failover", [streamed, streamed, LONG])
+    for events in answers[:2]:
+        assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
+        assert text_of(events) == want
+        assert [e["choices"][0]["finish_reason"] for e in events[:-2]].count("length") == 1
+        assert events[-2]["usage"]["completion_tokens"] == LONG["max_tokens"]
+    assert answers[2]["choices"][0]["text"] == want
+    print(f"replica killed: streams completed {ended_after:.1f} s after the kill")
+    wait_healthy(failover_url)
+    assert httpx.get(failover_url + "/health", timeout=10).json() == {"status": "serving"}
+
+
+@pytest.fixture
+def failover_one_url(served, tiny_llama_dir, failover_url):
+    from ray import serve
+
+    serve.delete("failover")
+    yield start_app(served, tiny_llama_dir, "failover1", replica_failover=True, max_migrations=1, max_queued_requests=-1)
+    serve.delete("failover1")
+
+
+def test_one_replica_streams_wait_for_its_replacement_then_fail_past_max_migrations(failover_one_url):
+    """One replica (a TP=2 gang), max_migrations 1: killed mid-answer, a stream and a non-streamed
+    request wait for the replacement Serve starts and end with the undisturbed text. A stream whose
+    replica is killed twice ends with the OpenAI error event and [DONE]."""
+    url = failover_one_url
+    wait_healthy(url)
+    want = httpx.post(url + "/v1/completions", json=LONG, headers=AUTH, timeout=120).json()["choices"][0]["text"]
+    answers, ended_after = kill_replica_mid_answer(url, "failover1", [{**LONG, "stream": True}, LONG])
+    assert answers[0][-1] == "[DONE]" and all("error" not in e for e in answers[0][:-1])
+    assert text_of(answers[0]) == want
+    assert answers[1]["choices"][0]["text"] == want
+    print(f"one replica killed: answers completed {ended_after:.1f} s after the kill")
+
+    wait_healthy(url)
+
+    async def killed_twice() -> list:
+        events = []
+        async with httpx.AsyncClient(timeout=180) as client:
+            async with client.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}, headers=AUTH) as r:
+                kills = 0
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        data = line[len("data: "):]
+                        events.append(data if data == "[DONE]" else json.loads(data))
+                        if kills < 2 and len(events) in (2, 20):  # a token now, and again after it resumed
+                            (replica,) = replica_ids("failover1")
+                            os.kill(replica_pid("failover1", replica), signal.SIGKILL)
+                            kills += 1
+        return events
+
+    events = asyncio.run(asyncio.wait_for(killed_twice(), 240))
+    assert_error_event_then_done(events)
+    assert events[-2]["error"]["code"] == "replica_failed"
+    assert want.startswith(text_of(events))  # what came before the error is the right text
