@@ -37,7 +37,7 @@ def grpc_request_body(request: pb.GenerateRequest, model_name: str) -> tuple[dic
         except json.JSONDecodeError as e:
             raise RequestError.invalid(f"response_format is not valid JSON: {e}", param="response_format") from None
     if request.messages:
-        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        body["messages"] = grpc_prompt(request)
         if request.HasField("logprobs"):
             body.update(logprobs=True, top_logprobs=request.logprobs)
         return body, ChatCompletionRequest
@@ -45,6 +45,16 @@ def grpc_request_body(request: pb.GenerateRequest, model_name: str) -> tuple[dic
     if request.HasField("logprobs"):
         body["logprobs"] = request.logprobs
     return body, CompletionRequest
+
+
+def grpc_authorization(grpc_context) -> str | None:
+    """The request's `authorization` metadata."""
+    return dict(grpc_context.invocation_metadata()).get("authorization")
+
+
+def grpc_prompt(request: pb.GenerateRequest) -> str | list[dict]:
+    """The prompt a request router looks at: the text, or the messages."""
+    return request.prompt or [{"role": m.role, "content": m.content} for m in request.messages]
 
 
 def grpc_response(items: list[RequestOutput], rid: str, model: str) -> pb.GenerateResponse:

@@ -29,12 +29,12 @@ from ray import serve
 from ray.util import get_current_placement_group
 
 from cluster.engine import LLMEngine
-from cluster.protocol import EngineDeadError, GenerateRequest, InvalidRequestError, RequestOutput
+from cluster.protocol import EngineDeadError, GenerateRequest, InvalidRequestError, RequestOutput, Resume
 from deployments import drain, openai_schema
 from deployments.admission import Admission
 from deployments.autoscaling import engine_utilization
 from deployments.config import AppConfig, AutoscalingConfig, read_api_key
-from deployments.grpc_protocol import GRPC_STATUS, grpc_request_body, grpc_response
+from deployments.grpc_protocol import GRPC_STATUS, grpc_authorization, grpc_request_body, grpc_response
 from deployments.metrics import ReplicaMetrics, RequestTimer, RouterMetrics
 from deployments.openai_protocol import (ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape,
                                          chat_request, completion_request, error_body, error_response, install_error_handlers,
@@ -446,16 +446,41 @@ class LLMServer:
         return await self._respond(request, "/v1/completions")
 
     # -- gRPC (method names are the RPC names in deployments/proto/shardserve.proto) ---------
-    async def _grpc_start(self, request: pb.GenerateRequest, grpc_context, route: str, rid: str) -> AsyncIterator[RequestOutput]:
+    async def _grpc_start(self, request: pb.GenerateRequest, authorization: str | None, route: str, rid: str,
+                          resume: Resume | None = None) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """The deltas of a gRPC request; raises RequestError, which the caller reports (_grpc_refuse)."""
-        self._authorize(dict(grpc_context.invocation_metadata()).get("authorization"))
+        self._authorize(authorization)
         body, model_cls = grpc_request_body(request, self.model_name)
         self._check_model(body["model"])
         req = validate(body, model_cls)
         plan = chat_request(req, self.tooling) if model_cls is ChatCompletionRequest else completion_request(req)
-        outputs = await self._start(dataclasses.replace(plan.requests[0], request_id=rid))  # gRPC has no n
+        outputs = await self._start(dataclasses.replace(plan.requests[0], request_id=rid, resume=resume))  # no n
         self.requests.request(route, grpc.StatusCode.OK.name)
         return outputs
+
+    async def relay_grpc(self, routing: RoutingRequest | None, method: str, request: pb.GenerateRequest,
+                         authorization: str | None, rid: str, resume: Resume | None = None):  # fmt: skip
+        """The Relay's way in for Generate and GenerateStream (``replica_failover``): first None (taken)
+        or the RequestError that refuses it; then (message, token ids, finish reason) per delta, or for
+        Generate one message with the whole answer; a RequestError when the model fails on the way."""
+        try:
+            outputs = await self._grpc_start(request, authorization, method, rid, resume)
+        except RequestError as e:
+            self.requests.request(method, GRPC_STATUS[e.status].name)
+            yield e
+            return
+        yield None
+        try:
+            if method == "Generate":
+                yield grpc_response([item async for item in outputs], rid, self.model_name), [], None
+                return
+            replay = resume is not None  # the first delta replays what the client has: not sent again
+            async for item in outputs:
+                if not replay:
+                    yield grpc_response([item], rid, self.model_name), item.token_ids, item.finish_reason
+                replay = False
+        except RequestError as e:
+            yield e
 
     def _grpc_refuse(self, grpc_context, e: RequestError, route: str) -> None:
         grpc_context.set_code(GRPC_STATUS[e.status])
@@ -465,7 +490,7 @@ class LLMServer:
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         rid = uuid.uuid4().hex
         try:
-            outputs = await self._grpc_start(request, grpc_context, "Generate", rid)
+            outputs = await self._grpc_start(request, grpc_authorization(grpc_context), "Generate", rid)
             items = [item async for item in outputs]
         except RequestError as e:
             self._grpc_refuse(grpc_context, e, "Generate")
@@ -477,7 +502,7 @@ class LLMServer:
         # A model failing mid-stream ends it the same way, with UNAVAILABLE, not as if it were complete.
         rid = uuid.uuid4().hex
         try:
-            outputs = await self._grpc_start(request, grpc_context, "GenerateStream", rid)
+            outputs = await self._grpc_start(request, grpc_authorization(grpc_context), "GenerateStream", rid)
             async for item in outputs:
                 yield grpc_response([item], rid, self.model_name)
         except RequestError as e:
@@ -486,7 +511,7 @@ class LLMServer:
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
         try:
-            self._authorize(dict(grpc_context.invocation_metadata()).get("authorization"))
+            self._authorize(grpc_authorization(grpc_context))
         except RequestError as e:
             self._grpc_refuse(grpc_context, e, "ListModels")
             return pb.ListModelsResponse()

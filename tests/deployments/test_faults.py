@@ -323,6 +323,32 @@ def test_streams_survive_a_killed_replica_token_for_token(failover_url):
     assert httpx.get(failover_url + "/health", timeout=10).json() == {"status": "serving"}
 
 
+def test_grpc_streams_survive_a_killed_replica(served, failover_url):
+    """The same over gRPC: a GenerateStream and a Generate in flight when the replicas are killed (both:
+    a gRPC answer does not name its replica) end with the undisturbed text, once Serve has replaced
+    them; ListModels and Health answer through the Relay."""
+    import grpc
+
+    from deployments.proto import shardserve_pb2 as pb
+    from deployments.proto import shardserve_pb2_grpc as pb_grpc
+
+    wait_healthy(failover_url)
+    metadata = (("authorization", f"Bearer {API_KEY}"), ("application", "failover"))
+    request = pb.GenerateRequest(model="faulty", prompt=LONG["prompt"], max_tokens=300, temperature=0, ignore_eos=True)
+    with grpc.insecure_channel(served.grpc) as channel:
+        stub = pb_grpc.ShardServeStub(channel)
+        assert [m.id for m in stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30).models] == ["faulty"]
+        assert stub.Health(pb.HealthRequest(), metadata=metadata, timeout=30).status == "ok"
+        want = stub.Generate(request, metadata=metadata, timeout=120).text
+        stream = stub.GenerateStream(request, metadata=metadata, timeout=180)
+        whole = stub.Generate.future(request, metadata=metadata, timeout=180)
+        first = next(stream)
+        for replica in replica_ids("failover"):
+            os.kill(replica_pid("failover", replica), signal.SIGKILL)
+        assert first.text + "".join(m.text for m in stream) == want
+        assert whole.result().text == want
+
+
 @pytest.fixture
 def failover_one_url(served, tiny_llama_dir, failover_url):
     from ray import serve
