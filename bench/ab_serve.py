@@ -8,6 +8,9 @@ the order (before, after, after, before, ...), so that the machine's steady drif
 falls on both sides alike; the table gives each side's median and the ratio after / before.
 
     .venv/bin/python bench/ab_serve.py --before 8c2a5c8 [--rounds 2] [--concurrency 1,8,32] [--out F]
+
+A setting's cost: the same commit on both sides, the flag on one, e.g.
+    .venv/bin/python bench/ab_serve.py --before HEAD --after-flags=--replica-failover
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from model.sources import resolve_model  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
 
-def measure(root: Path, work: peers.Workload, tokenizer, log: Path) -> dict:
-    """One sweep of `shardserve serve` run from the source tree at root."""
+def measure(root: Path, work: peers.Workload, tokenizer, log: Path, flags: list[str]) -> dict:
+    """One sweep of `shardserve serve` (with these extra flags) run from the source tree at root."""
     port = peers.free_port()
     cmd, env = peers.server_command("shardserve", resolve_model(None), "float32", "smollm2", port, Path())
+    cmd += flags
     proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, **env, "PYTHONPATH": str(root)},
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
@@ -53,6 +57,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", required=True, help="the commit to compare against")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--before-flags", default="", help="extra `shardserve serve` flags for the before side")
+    ap.add_argument("--after-flags", default="", help="extra `shardserve serve` flags for this tree")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--chat-requests", type=int, default=32)
     ap.add_argument("--out", default=None, help="write the measurements here (JSON)")
@@ -66,9 +72,9 @@ def main() -> int:
         try:
             sides: dict[str, list[dict]] = {"before": [], "after": []}
             for r in range(args.rounds):
-                order = (("before", before), ("after", REPO))
-                for side, root in order if r % 2 == 0 else order[::-1]:  # ABBA: a steady drift cancels
-                    sides[side].append(measure(root, work, tokenizer, Path(tmp) / f"{side}-{r}.log"))
+                order = (("before", before, args.before_flags.split()), ("after", REPO, args.after_flags.split()))
+                for side, root, flags in order if r % 2 == 0 else order[::-1]:  # ABBA: a steady drift cancels
+                    sides[side].append(measure(root, work, tokenizer, Path(tmp) / f"{side}-{r}.log", flags))
                     print(f"round {r + 1} {side}: {json.dumps(sides[side][-1])}", flush=True)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False)

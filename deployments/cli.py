@@ -29,7 +29,7 @@ DEMO_PROMPTS = [
 # Every EngineConfig field is a flag of both commands, and these AppConfig fields of `serve`; each
 # flag is named after its field (--max-num-seqs for max_num_seqs) and overrides the config file.
 SERVE_FIELDS = ("served_model_name", "num_replicas", "max_queued_requests", "routing", "api_key", "api_key_file",
-                "tool_call_parser", "max_request_body_bytes", "drain_timeout_s")
+                "tool_call_parser", "max_request_body_bytes", "drain_timeout_s", "replica_failover")
 API_KEY_ENV = "SHARDSERVE_API_KEY"
 SHORT_FLAGS = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}
 LISTENER_FLAGS = ("host", "port", "grpc_port")  # override the Serve config's http_options / grpc_options
