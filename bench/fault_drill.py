@@ -2,7 +2,8 @@
 
 Each drill starts the server, sends `--streams` greedy streaming chats at once, and, once every
 stream has its first tokens, breaks the replica's worker: SIGKILL (it dies) or SIGSTOP (it hangs;
-SIGCONT once the drill is over). It reports, per drill: the longest gap between two tokens of a
+SIGCONT once the drill is over); the third drill runs the server with `--replica-failover` and
+SIGKILLs the replica's own process (the streams wait for the replacement Serve starts). It reports, per drill: the longest gap between two tokens of a
 stream around the break (what a client notices), how long after the signal the last stream
 ended, how many streams completed with text equal to an undisturbed run of the same requests (sent
 first, on the same server), and whether any stream ended in an error event.
@@ -35,10 +36,14 @@ QUESTIONS = ["Explain how a bicycle stays upright.", "Write a short story about 
              "Why is the sky blue?", "Give advice for a first marathon.", "What is a black hole?"]  # fmt: skip
 
 
-def worker_pids(server_pid: int) -> list[int]:
-    """The gang's Worker actors among the server's process tree."""
+DRILLS = (("worker", signal.SIGKILL), ("worker", signal.SIGSTOP), ("replica", signal.SIGKILL))
+PROCESS_NAMES = {"worker": "ray::Worker", "replica": "ray::ServeReplica:shardserve:LLMServer"}
+
+
+def target_pids(server_pid: int, target: str) -> list[int]:
+    """The gang's Worker actors, or the LLMServer replica, among the server's process tree."""
     tree = psutil.Process(server_pid).children(recursive=True)
-    return [p.pid for p in tree if (p.cmdline() or [""])[0].startswith("ray::Worker")]
+    return [p.pid for p in tree if (p.cmdline() or [""])[0].startswith(PROCESS_NAMES[target])]
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, body: dict, first: asyncio.Event) -> dict:
@@ -58,23 +63,26 @@ async def one_stream(client: httpx.AsyncClient, url: str, body: dict, first: asy
     return {"text": text, "times": times, "error": error}
 
 
-async def run_streams(url: str, bodies: list[dict], server_pid: int | None = None, sig: int | None = None) -> tuple[list[dict], float | None, int | None]:
+async def run_streams(url: str, bodies: list[dict], server_pid: int | None = None, sig: int | None = None,
+                      target: str = "worker") -> tuple[list[dict], float | None, int | None]:  # fmt: skip
     async with httpx.AsyncClient(timeout=600) as client:
         firsts = [asyncio.Event() for _ in bodies]
         tasks = [asyncio.ensure_future(one_stream(client, url, b, f)) for b, f in zip(bodies, firsts)]
         broken_at, pid = None, None
         if sig is not None:
             await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), 300)
-            pid = worker_pids(server_pid)[0]
+            pid = target_pids(server_pid, target)[0]
             os.kill(pid, sig)
             broken_at = time.monotonic()
         return await asyncio.gather(*tasks), broken_at, pid
 
 
-def drill(sig: int, streams: int, max_tokens: int, workdir: Path) -> dict:
+def drill(target: str, sig: int, streams: int, max_tokens: int, workdir: Path) -> dict:
     port = peers.free_port()
     cmd, env = peers.server_command("shardserve", resolve_model(None), "float32", DEFAULT_MODEL, port, workdir)
-    log = workdir / f"serve-{signal.Signals(sig).name}.log"
+    if target == "replica":
+        cmd.append("--replica-failover")
+    log = workdir / f"serve-{target}-{signal.Signals(sig).name}.log"
     proc = peers.start(cmd, env, log)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -82,7 +90,7 @@ def drill(sig: int, streams: int, max_tokens: int, workdir: Path) -> dict:
         bodies = [{"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
                    "temperature": 0, "ignore_eos": True} for q in QUESTIONS[:streams]]  # fmt: skip
         undisturbed, _, _ = asyncio.run(run_streams(url, bodies))
-        results, broken_at, pid = asyncio.run(run_streams(url, bodies, proc.pid, sig))
+        results, broken_at, pid = asyncio.run(run_streams(url, bodies, proc.pid, sig, target))
         if sig == signal.SIGSTOP:
             try:
                 os.kill(pid, signal.SIGCONT)
@@ -91,6 +99,7 @@ def drill(sig: int, streams: int, max_tokens: int, workdir: Path) -> dict:
         gaps = [max(b - a for a, b in zip(r["times"], r["times"][1:])) for r in results if len(r["times"]) > 1]
         return {
             "signal": signal.Signals(sig).name,
+            "target": target,
             "streams": streams,
             "completed_equal_to_undisturbed": sum(r["text"] == u["text"] and not r["error"]
                                                   for r, u in zip(results, undisturbed)),  # fmt: skip
@@ -109,11 +118,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out-json", default=None)
     args = ap.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="shardserve-drill-"))
-    results = [drill(sig, args.streams, args.max_tokens, workdir) for sig in (signal.SIGKILL, signal.SIGSTOP)]
+    results = [drill(target, sig, args.streams, args.max_tokens, workdir) for target, sig in DRILLS]
     print("\n| drill | streams completed, equal to undisturbed | error events | longest gap between tokens s "
           "| last stream ended after the signal s |\n|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['signal']} the worker | {r['completed_equal_to_undisturbed']} / {r['streams']} | "
+        print(f"| {r['signal']} the {r['target']} | {r['completed_equal_to_undisturbed']} / {r['streams']} | "
               f"{r['error_events']} | {r['longest_token_gap_s']:.1f} | {r['last_stream_ended_after_s']:.1f} |")
     if args.out_json:
         Path(args.out_json).write_text(json.dumps(results, indent=2))

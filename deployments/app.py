@@ -6,6 +6,10 @@ app, as ``shardserve serve`` and the manifests set it), the Router picks the rep
 request and the tokens stream from the replica through HAProxy alone. Without it, Serve's proxy
 forwards to the replicas (one process more on each token's way) and prefix affinity falls back
 to load balancing, since the proxy hands routing no request body.
+
+With ``replica_failover`` the Relay (deployments/relay.py) is the ingress instead, behind HAProxy
+or Serve's proxy alike: it passes each request to a replica through a handle (the same request
+router picks it) and holds the stream, so that a replica's death does not end it.
 """
 
 from __future__ import annotations

@@ -73,9 +73,10 @@ class _Deltas:
     RequestError (503), its detail logged here. Closing it, begun or not (the client went away, a
     sibling choice failed), lets the engine drop the request, once."""
 
-    def __init__(self, request_id: str, first: RequestOutput, stream, timer: RequestTimer, on_done):
+    def __init__(self, request_id: str, first: RequestOutput, stream, timer: RequestTimer, on_done, replay: bool):
         self.request_id, self._next, self._stream, self._timer, self._on_done = request_id, first, stream, timer, on_done
         self._closed = False
+        self._replay = replay  # the first delta replays tokens another replica made: not counted again
 
     def __aiter__(self):
         return self
@@ -95,9 +96,12 @@ class _Deltas:
             except BaseException:
                 await self.aclose()
                 raise
-        self._timer.tokens(time.monotonic(), len(item.token_ids))
+        if not self._replay:
+            self._timer.tokens(time.monotonic(), len(item.token_ids))
+            if item.finished:
+                self._timer.finished(time.monotonic(), item.prompt_tokens, item.finish_reason)
+        self._replay = False
         if item.finished:
-            self._timer.finished(time.monotonic(), item.prompt_tokens, item.finish_reason)
             await self.aclose()
         return item
 
@@ -254,7 +258,7 @@ class LLMServer:
                                                code="engine_failed") from None  # fmt: skip
             raise  # cancelled while waiting: the engine drops the request
 
-        return _Deltas(request.request_id, first, stream, timer, self._done)
+        return _Deltas(request.request_id, first, stream, timer, self._done, replay=request.resume is not None)
 
     def _done(self) -> None:
         self.in_flight -= 1
@@ -297,27 +301,27 @@ class LLMServer:
         return JSONResponse(body, headers=headers)
 
     async def relay(self, routing: RoutingRequest | None, call: RelayCall) -> AsyncIterator:
-        """The Router's way in (``replica_failover``): the answer the HTTP routes give, as items the
-        Router forwards: a RelayHead, then, streamed, one (SSE text, choice, token ids, finish
-        reason) per delta, so the Router knows what each choice has delivered. ``routing`` is only
-        for the request router (it reads the first argument)."""
+        """The Relay's way in (``replica_failover``): the answer the HTTP routes give, as items the
+        Relay forwards: a RelayHead or the RequestError that refuses the request, then, streamed, one
+        (SSE text, choice, token ids, finish reason) per event, so the Relay knows what each choice
+        has delivered. ``routing`` is only for the request router (it reads the first argument)."""
         headers = {"x-request-id": call.rid, "x-shardserve-replica": self.replica}
         try:
             self._authorize(call.authorization)
             req, plan, outputs = await self._open(call.route, parse_json(call.body), call.rid, call.resume)
         except RequestError as e:
             self.requests.request(call.route, e.status)
-            yield RelayHead.error(e, headers)
+            yield e
             return
         self.requests.request(call.route, 200)
         shape = SHAPES[call.route]
         if not req.stream:
             try:
-                yield RelayHead(200, headers, await self._full(outputs, shape, call.rid, call.created, plan))
+                yield RelayHead(headers, await self._full(outputs, shape, call.rid, call.created, plan))
             except RequestError as e:
-                yield RelayHead.error(e, headers)
+                yield e
             return
-        yield RelayHead(200, headers, None)
+        yield RelayHead(headers, None)
         resumed = set(call.resume or ())
         async for text, index, item in self._events(outputs, shape, call.rid, call.created, _include_usage(req),
                                                     plan, resumed):  # fmt: skip
@@ -405,17 +409,16 @@ class LLMServer:
         self.requests.request(route, 200)
         return self._model_card() if model_id is not None else {"object": "list", "data": [self._model_card()]}
 
-    async def relay_get(self, path: str, authorization: str | None) -> RelayHead:
-        """The Router's way in for /health, /v1/models and /v1/models/{id} (``replica_failover``)."""
+    async def relay_get(self, path: str, authorization: str | None) -> dict | RequestError:
+        """The Relay's way in for /health, /v1/models and /v1/models/{id} (``replica_failover``)."""
         if path == "/health":
-            refusal = await self._health_refusal()
-            return RelayHead(200, {}, {"status": "serving"}) if refusal is None else RelayHead.error(refusal, {})
+            return await self._health_refusal() or {"status": "serving"}
         try:
             if path == "/v1/models":
-                return RelayHead(200, {}, self._models(path, authorization))
-            return RelayHead(200, {}, self._models("/v1/models/{id}", authorization, path.removeprefix("/v1/models/")))
+                return self._models(path, authorization)
+            return self._models("/v1/models/{id}", authorization, path.removeprefix("/v1/models/"))
         except RequestError as e:
-            return RelayHead.error(e, {})
+            return e
 
     @api.get("/health")
     async def health(self):
@@ -459,10 +462,12 @@ class LLMServer:
         return outputs
 
     async def relay_grpc(self, routing: RoutingRequest | None, method: str, request: pb.GenerateRequest,
-                         authorization: str | None, rid: str, resume: Resume | None = None):  # fmt: skip
+                         authorization: str | None, rid: str, resume: dict | None = None):  # fmt: skip
         """The Relay's way in for Generate and GenerateStream (``replica_failover``): first None (taken)
-        or the RequestError that refuses it; then (message, token ids, finish reason) per delta, or for
-        Generate one message with the whole answer; a RequestError when the model fails on the way."""
+        or the RequestError that refuses it; then (message, 0, token ids, finish reason) per delta, or
+        for Generate one such item with the whole answer (and no tokens: nothing was sent before it);
+        a RequestError when the model fails on the way."""
+        resume = (resume or {}).get(0)  # gRPC has one choice
         try:
             outputs = await self._grpc_start(request, authorization, method, rid, resume)
         except RequestError as e:
@@ -472,12 +477,12 @@ class LLMServer:
         yield None
         try:
             if method == "Generate":
-                yield grpc_response([item async for item in outputs], rid, self.model_name), [], None
+                yield grpc_response([item async for item in outputs], rid, self.model_name), 0, [], None
                 return
             replay = resume is not None  # the first delta replays what the client has: not sent again
             async for item in outputs:
                 if not replay:
-                    yield grpc_response([item], rid, self.model_name), item.token_ids, item.finish_reason
+                    yield grpc_response([item], rid, self.model_name), 0, item.token_ids, item.finish_reason
                 replay = False
         except RequestError as e:
             yield e

@@ -56,13 +56,7 @@ class RelayCall:
 
 @dataclass(frozen=True)
 class RelayHead:
-    """The first item of a relayed answer: its status and headers, and its JSON body unless it streams."""
+    """The first item of a relayed answer the replica takes: its headers, and its JSON body unless it streams."""
 
-    status: int
     headers: dict[str, str]
     body: dict | None
-
-    @classmethod
-    def error(cls, e: RequestError, headers: dict[str, str]) -> "RelayHead":
-        headers = dict(headers) | ({"Retry-After": str(e.retry_after)} if e.retry_after is not None else {})
-        return cls(e.status, headers, e.body())

@@ -38,7 +38,7 @@ from deployments import openai_schema
 from deployments.grpc_protocol import GRPC_STATUS, grpc_authorization, grpc_prompt
 from deployments.openai_protocol import error_response, install_error_handlers, read_body
 from deployments.proto import shardserve_pb2 as pb
-from deployments.protocol import RelayCall, RelayHead, RequestError
+from deployments.protocol import RelayCall, RequestError
 from deployments.request_router import RoutingRequest
 from deployments.router import routing_request
 
@@ -50,8 +50,17 @@ relay_api.openapi = lambda: openai_schema.openapi(relay_api)
 install_error_handlers(relay_api)
 
 
-class ReplicaLost(Exception):
-    """The replica serving a request died, or none could be had in time."""
+async def _sse(answer: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The SSE events of a relayed answer; when it fails, an error event and [DONE], never a cut stream."""
+    try:
+        async for text in answer:
+            if text:
+                yield text
+    except RequestError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        await answer.aclose()
 
 
 @serve.ingress(relay_api)
@@ -61,16 +70,50 @@ class Relay:
         self.max_body_bytes = max_body_bytes
         self.server._init()  # start the handle's request router now, not on the first request
 
-    async def _open(self, call: RelayCall, routing, deadline: float):
-        """A replica's answer to the call: its head and, when it streams, the rest. ReplicaLost when
-        the replica dies first or none answers before the deadline."""
-        stream = self.server.options(stream=True).relay.remote(routing, call)
-        try:
-            head = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
-        except (RayActorError, asyncio.TimeoutError) as e:
-            stream.cancel()
-            raise ReplicaLost(type(e).__name__) from None
-        return head, stream
+    async def _follow(self, start, rid: str) -> AsyncIterator:
+        """A relayed answer as it comes: the first replica's head, then the payload of every item of its
+        stream (items are (payload, choice, token ids, finish reason)). When the replica dies, or none
+        answers, ``start(resume)`` again with what each choice delivered, until max_migrations replica
+        failures or recovery_timeout_s; then RequestError (replica_failed). A refusal, as a head or an
+        item, is raised too."""
+        deadline = time.monotonic() + self.recovery_timeout_s
+        delivered: dict[int, list[int]] = {}  # choice -> the tokens the client has (or that are held back for it)
+        finished: dict[int, str] = {}
+        failures, began = 0, False
+        while True:
+            resume = {i: Resume(tuple(ids), finished.get(i)) for i, ids in delivered.items()} or None
+            stream = start(resume)
+            try:
+                head = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+                if isinstance(head, RequestError):
+                    raise head
+                if not began:
+                    began = True
+                    yield head
+                elif resume:
+                    log.info("request %s resumed on another replica, %d tokens delivered", rid,
+                             sum(len(ids) for ids in delivered.values()))  # fmt: skip
+                async for item in stream:
+                    if isinstance(item, RequestError):
+                        raise item
+                    payload, index, token_ids, finish_reason = item
+                    if index is not None:
+                        delivered.setdefault(index, []).extend(token_ids)
+                        if finish_reason is not None:
+                            finished[index] = finish_reason
+                    yield payload
+                return
+            except (RayActorError, asyncio.TimeoutError) as e:
+                failures += 1
+                log.warning("request %s: replica lost (%s), failure %d", rid, type(e).__name__, failures)
+                if failures > self.max_migrations or time.monotonic() >= deadline:
+                    why = (f"past max_migrations ({self.max_migrations})" if failures > self.max_migrations
+                           else f"no replica within recovery_timeout_s ({self.recovery_timeout_s:g} s)")  # fmt: skip
+                    raise RequestError.unavailable(f"the model's replicas failed while answering, {why} "
+                                                   f"(request id {rid}); retry", retry_after=1,
+                                                   code="replica_failed") from None  # fmt: skip
+            finally:
+                stream.cancel()  # the answer is over, the client went away, or the replica is gone
 
     async def _answer(self, request: Request, route: str):
         try:
@@ -79,126 +122,47 @@ class Relay:
             return error_response(e)
         call = RelayCall(route, request.headers.get("authorization"), body, uuid.uuid4().hex, int(time.time()))
         routing = routing_request(body)
-        deadline = time.monotonic() + self.recovery_timeout_s
-        failures = 0
-        while True:
-            try:
-                head, stream = await self._open(call, routing, deadline)
-                if head.body is not None:
-                    return JSONResponse(head.body, status_code=head.status, headers=head.headers)
-                return StreamingResponse(self._relay_stream(call, routing, stream, failures, deadline),
-                                         media_type="text/event-stream", headers=head.headers)  # fmt: skip
-            except ReplicaLost as e:  # nothing was sent yet: ask again, from the start
-                failures += 1
-                log.warning("request %s: replica lost before answering (%s), failure %d", call.rid, e, failures)
-                if failures > self.max_migrations or time.monotonic() >= deadline:
-                    return error_response(self._gone(call.rid, failures), {"x-request-id": call.rid})
-
-    async def _relay_stream(self, call: RelayCall, routing, stream, failures: int, deadline: float) -> AsyncIterator[str]:
-        delivered: dict[int, list[int]] = {}  # choice -> its tokens the client has (or that are held back for it)
-        finished: dict[int, str] = {}
+        relay = self.server.options(stream=True).relay
+        answer = self._follow(lambda resume: relay.remote(routing, dataclasses.replace(call, resume=resume)), call.rid)
         try:
-            while True:
-                try:
-                    async for text, index, token_ids, finish_reason in stream:
-                        if index is not None:
-                            delivered.setdefault(index, []).extend(token_ids)
-                            if finish_reason is not None:
-                                finished[index] = finish_reason
-                        if text:
-                            yield text
-                    return
-                except RayActorError as e:
-                    failures += 1
-                    log.warning("request %s: replica lost mid-stream (%s), failure %d", call.rid, type(e).__name__, failures)
-                resume = {i: Resume(tuple(ids), finished.get(i)) for i, ids in delivered.items()}
-                call = dataclasses.replace(call, resume=resume)
-                while True:
-                    if failures > self.max_migrations or time.monotonic() >= deadline:
-                        yield f"data: {json.dumps(self._gone(call.rid, failures).body())}\n\n"
-                        yield "data: [DONE]\n\n"
-                        return
-                    try:
-                        head, stream = await self._open(call, routing, deadline)
-                        break
-                    except ReplicaLost as e:
-                        failures += 1
-                        log.warning("request %s: replica lost before resuming (%s), failure %d", call.rid, e, failures)
-                if head.status != 200:  # the new replica refuses it (draining, busy): say so, and end
-                    yield f"data: {json.dumps(head.body)}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                log.info("request %s resumed on another replica with %d tokens delivered", call.rid,
-                         sum(len(ids) for ids in delivered.values()))  # fmt: skip
-        finally:
-            stream.cancel()  # the client went away, or the answer is over: the replica lets go of it
+            head = await answer.__anext__()
+        except RequestError as e:
+            return error_response(e, {"x-request-id": call.rid})
+        if head.body is not None:
+            await answer.aclose()
+            return JSONResponse(head.body, headers=head.headers)
+        return StreamingResponse(_sse(answer), media_type="text/event-stream", headers=head.headers)
 
-    def _gone(self, rid: str, failures: int) -> RequestError:
-        why = (f"past max_migrations ({self.max_migrations})" if failures > self.max_migrations
-               else f"no replica within recovery_timeout_s ({self.recovery_timeout_s:g} s)")  # fmt: skip
-        return RequestError.unavailable(f"the model's replicas failed while answering, {why} (request id {rid}); "
-                                        "retry", retry_after=1, code="replica_failed")  # fmt: skip
-
-    async def _ask(self, path: str, authorization: str | None) -> RelayHead:
-        """A replica's answer to a GET of /health, /v1/models or /v1/models/{id}; 503 when none answers in time."""
+    async def _ask(self, path: str, authorization: str | None) -> dict | RequestError:
+        """A replica's answer to a GET of /health, /v1/models or /v1/models/{id}: the body, or the refusal
+        (503 no_replica when none answers in time)."""
         try:
             return await asyncio.wait_for(self.server.relay_get.remote(path, authorization), HEALTH_TIMEOUT_S)
         except (RayActorError, asyncio.TimeoutError):
-            e = RequestError.unavailable("no replica can serve now; retry", retry_after=1, code="no_replica")
-            return RelayHead.error(e, {})
+            # None running, or every one holding as many requests as Serve lets it (then the answer waits too).
+            return RequestError.unavailable(f"no replica answered within {HEALTH_TIMEOUT_S:g} s (none running, or all "
+                                            "full); retry", retry_after=1, code="no_replica")  # fmt: skip
 
     async def _get(self, request: Request, path: str):
-        head = await self._ask(path, request.headers.get("authorization"))
-        return JSONResponse(head.body, status_code=head.status, headers=head.headers)
+        answer = await self._ask(path, request.headers.get("authorization"))
+        return error_response(answer) if isinstance(answer, RequestError) else answer
 
     # -- gRPC (the RPC names of deployments/proto/shardserve.proto), relayed the same way --------------
-    async def _grpc_open(self, method: str, request: pb.GenerateRequest, authorization, rid: str, resume, deadline):
-        """A replica's answer: None (taken) or its refusal, and the rest. ReplicaLost as _open."""
-        stream = self.server.options(stream=True).relay_grpc.remote(RoutingRequest(grpc_prompt(request)), method,
-                                                                    request, authorization, rid, resume)  # fmt: skip
-        try:
-            head = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
-        except (RayActorError, asyncio.TimeoutError) as e:
-            stream.cancel()
-            raise ReplicaLost(type(e).__name__) from None
-        return head, stream
-
-    def _grpc_refuse(self, grpc_context, e: RequestError) -> RequestError:
-        grpc_context.set_code(GRPC_STATUS[e.status])
-        grpc_context.set_details(e.message)
-        return e
-
     async def _grpc_answer(self, method: str, request: pb.GenerateRequest, grpc_context):
-        """The messages of a Generate (one) or GenerateStream answer, resumed on another replica when
-        its replica dies; a refusal or a failure sets the gRPC code and raises (Serve reports a code
-        only with an exception when no message was sent)."""
+        """The messages of a Generate (one) or GenerateStream answer; a refusal or a failure sets the
+        gRPC code and raises (Serve reports a code only with an exception when no message was sent)."""
         rid, authorization = uuid.uuid4().hex, grpc_authorization(grpc_context)
-        deadline = time.monotonic() + self.recovery_timeout_s
-        delivered: list[int] = []
-        failures, stream = 0, None
+        routing, relay = RoutingRequest(grpc_prompt(request)), self.server.options(stream=True).relay_grpc
+        # Generate sends nothing before its one message: a new replica starts it again from the beginning.
+        answer = self._follow(lambda resume: relay.remote(routing, method, request, authorization, rid, resume), rid)
         try:
-            while True:
-                # Generate sends nothing before its one message: it starts again from the beginning.
-                resume = Resume(tuple(delivered)) if delivered else None
-                try:
-                    head, stream = await self._grpc_open(method, request, authorization, rid, resume, deadline)
-                    if head is not None:
-                        raise self._grpc_refuse(grpc_context, head)
-                    async for item in stream:
-                        if isinstance(item, RequestError):
-                            raise self._grpc_refuse(grpc_context, item)
-                        message, token_ids, _ = item
-                        delivered += token_ids
-                        yield message
-                    return
-                except (ReplicaLost, RayActorError) as e:
-                    failures += 1
-                    log.warning("request %s: replica lost (%s), failure %d", rid, type(e).__name__, failures)
-                    if failures > self.max_migrations or time.monotonic() >= deadline:
-                        raise self._grpc_refuse(grpc_context, self._gone(rid, failures)) from None
-        finally:
-            if stream is not None:
-                stream.cancel()
+            await answer.__anext__()  # the head: taken
+            async for message in answer:
+                yield message
+        except RequestError as e:
+            grpc_context.set_code(GRPC_STATUS[e.status])
+            grpc_context.set_details(e.message)
+            raise
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
@@ -211,19 +175,20 @@ class Relay:
             yield message
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
-        head = await self._ask("/v1/models", grpc_authorization(grpc_context))
-        if head.status != 200:
-            self._grpc_refuse(grpc_context, RequestError(head.status, head.body["error"]["message"], type_=""))
+        answer = await self._ask("/v1/models", grpc_authorization(grpc_context))
+        if isinstance(answer, RequestError):
+            grpc_context.set_code(GRPC_STATUS[answer.status])
+            grpc_context.set_details(answer.message)
             return pb.ListModelsResponse()
         return pb.ListModelsResponse(models=[pb.ModelCard(id=m["id"], created=m["created"], owned_by=m["owned_by"])
-                                             for m in head.body["data"]])  # fmt: skip
+                                             for m in answer["data"]])  # fmt: skip
 
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
-        head = await self._ask("/health", None)
-        if head.status != 200:
+        answer = await self._ask("/health", None)
+        if isinstance(answer, RequestError):
             grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
-            grpc_context.set_details(head.body["error"]["message"])
-            return pb.HealthResponse(status=head.body["error"]["code"] or "unavailable")
+            grpc_context.set_details(answer.message)
+            return pb.HealthResponse(status=answer.code or "unavailable")
         return pb.HealthResponse(status="ok")
 
     # -- HTTP routes --------------------------------------------------------------------------------

@@ -133,6 +133,11 @@ def _dump(doc) -> str:
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
 
 
+def health_path(serve_cfg: dict) -> str:
+    """Where the app answers /health, under its route prefix."""
+    return serve_cfg["applications"][0].get("route_prefix", "/").rstrip("/") + "/health"
+
+
 def build_rayservice(serve_config: dict, opts: RenderOptions) -> tuple[dict, AppConfig]:
     """The RayService document (a dict in manifest order) and the AppConfig it serves."""
     serve_cfg, config, listen = cluster_serve_config(serve_config, opts.config)
@@ -175,9 +180,20 @@ def build_rayservice(serve_config: dict, opts: RenderOptions) -> tuple[dict, App
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "env": WORKER_ENV,
-        # KubeRay's worker readiness probe checks the Serve proxy on the port named "serve".
         "ports": [{"name": "serve", "containerPort": listen.port}, {"name": "metrics", "containerPort": METRICS_PORT}],
         "resources": worker.resources(),
+        # The serve Service sends traffic to ready worker pods only: ready means the app's own /health
+        # answers 200 through this pod's proxy, i.e. a replica would serve a request now (not
+        # recovering, draining or failed). This replaces KubeRay's readiness probe, which asks only
+        # whether the proxy is up; its liveness probe (the node's raylet) stays, so a model that is
+        # recovering never restarts the pod.
+        "readinessProbe": {
+            "httpGet": {"path": health_path(serve_cfg), "port": "serve"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 10,  # /health pings every worker of a gang (step_timeout_s, 5 s by default)
+            "failureThreshold": 2,
+            "successThreshold": 1,
+        },
     }
     # /dev/shm as memory the pod's limit bounds: container runtimes give 64 MiB by default, too little for
     # Ray's object store and the TP ranks' shared-memory all-reduce.

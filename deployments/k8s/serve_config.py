@@ -10,8 +10,8 @@ APP_IMPORT_PATH = "deployments.app:build_app"
 def cluster_serve_config(serve_config: dict, source: str = "config") -> tuple[dict, AppConfig, Listeners]:
     """The Serve config as it must run on KubeRay, its AppConfig, and where its proxies listen.
 
-    Proxies run on every node (KubeRay's worker readiness probe asks the local proxy for
-    /-/healthz) and listen on 0.0.0.0 so the Kubernetes Services reach them. Everything else
+    Proxies run on every node (a worker pod's readiness probe asks the app's /health through the
+    local proxy) and listen on 0.0.0.0 so the Kubernetes Services reach them. Everything else
     is carried over; ``args`` keeps the fields the file sets, normalized by AppConfig.
     """
     if "applications" not in serve_config:  # a bare AppConfig mapping, as load_serve_file accepts

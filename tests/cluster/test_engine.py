@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from cluster.engine import EngineDeadError
-from cluster.protocol import GenerateRequest
+from cluster.protocol import GenerateRequest, Resume
 from model.sampling import SamplingParams
 from tests.cluster.test_engine_parity import tiny_engine
 from tests.reference import close, collect, greedy, run_all
@@ -233,3 +233,37 @@ def test_prompts_are_tokenized_off_the_event_loop(engine, monkeypatch):
     assert threads and all(t is not loop_thread for t in threads)
 
 
+
+
+async def resumed(engine, prompt: list[int], params: SamplingParams, resume: Resume) -> list:
+    return [out async for out in engine.generate(GenerateRequest(prompt, params, resume=resume))]
+
+
+@pytest.mark.parametrize("params", [greedy(24), SamplingParams(max_tokens=24, temperature=1.0, seed=7, ignore_eos=True)],
+                         ids=["greedy", "seeded"])  # fmt: skip
+def test_a_resumed_request_replays_what_was_delivered_and_goes_on_token_for_token(engine, params):
+    """What another replica does with a stream whose replica died: the request with the tokens already
+    delivered. Its first delta replays them (their text, as the undisturbed stream had sent it), and
+    the rest equals the undisturbed run's; usage counts every token once; no block leaks."""
+
+    async def main():
+        whole = [out async for out in engine.generate(GenerateRequest(TARGET, params))]
+        outs = await resumed(engine, TARGET, params, Resume(tuple(t for o in whole[:10] for t in o.token_ids)))
+        return whole, outs
+
+    whole, outs = asyncio.run(main())
+    replay, rest = outs[0], outs[1:]
+    assert replay.token_ids == [t for o in whole[:10] for t in o.token_ids] and not replay.finished
+    assert replay.text == "".join(o.text for o in whole[:10])
+    assert [o.token_ids for o in rest] == [o.token_ids for o in whole[10:]]
+    assert "".join(o.text for o in rest) == "".join(o.text for o in whole[10:])
+    assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 24
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+
+
+def test_a_resumed_request_that_had_ended_is_only_reported(engine):
+    """One choice of several had finished on the failed replica: nothing runs for it, one finished delta."""
+    outs = asyncio.run(resumed(engine, TARGET, greedy(24), Resume((5, 6, 7), finish_reason="stop")))
+    assert len(outs) == 1 and outs[0].finished and outs[0].finish_reason == "stop"
+    assert outs[0].completion_tokens == 3 and outs[0].token_ids == [5, 6, 7]
+    assert engine.scheduler.num_unfinished == 0 and engine.allocator.num_free == engine.allocator.num_blocks

@@ -16,7 +16,7 @@ import pytest
 
 from cluster.config import EngineConfig
 from cluster.engine import LLMEngine
-from cluster.protocol import GenerateRequest, InvalidRequestError
+from cluster.protocol import GenerateRequest, InvalidRequestError, Resume
 from model.sampling_params import SamplingParams
 from tests.reference import close
 
@@ -166,3 +166,22 @@ def test_pipeline_gang_and_the_real_model(ray_cluster, smollm2_dir):
             _check(SCHEMAS[name], text, reason)
     finally:
         close(engine)
+
+
+def test_a_resumed_request_keeps_its_grammar(tiny_engine):
+    """A stream resumed from the tokens another replica delivered: the grammar is advanced through
+    them, so the rest is the undisturbed rest and the whole is valid."""
+    schema = SCHEMAS["refs"]
+    params = _params(schema, temperature=1.0, seed=3)
+
+    async def main():
+        whole = [out async for out in tiny_engine.generate(GenerateRequest("Points:", params, raw=True))]
+        delivered = tuple(t for o in whole[:6] for t in o.token_ids)
+        request = GenerateRequest("Points:", params, raw=True, resume=Resume(delivered))
+        return whole, [out async for out in tiny_engine.generate(request)]
+
+    whole, outs = asyncio.run(main())
+    assert [t for o in outs for t in o.token_ids] == [t for o in whole for t in o.token_ids]
+    text = "".join(o.text for o in outs)
+    assert text == "".join(o.text for o in whole)
+    _check(schema, text, outs[-1].finish_reason)

@@ -304,19 +304,26 @@ def kill_replica_mid_answer(url: str, app: str, bodies: list[dict]) -> tuple[lis
 
 
 def test_streams_survive_a_killed_replica_token_for_token(failover_url):
-    """replica_failover, 2 replicas of a PP=2 gang: SIGKILL the replica process serving two streams and
-    a non-streamed request. The streams resume on the other replica with the tokens already sent and
-    end with the undisturbed greedy text, one finish_reason and [DONE]; the non-streamed request is
-    answered whole; Serve replaces the replica."""
+    """replica_failover, 2 replicas of a PP=2 gang: SIGKILL the replica process serving a greedy stream,
+    a stream of two seeded choices and a non-streamed request. The streams resume with the tokens
+    already sent and end with the undisturbed text, one finish_reason per choice, usage counted once
+    and [DONE]; the non-streamed request is answered whole; Serve replaces the replica."""
     wait_healthy(failover_url)
     want = httpx.post(failover_url + "/v1/completions", json=LONG, headers=AUTH, timeout=120).json()["choices"][0]["text"]
     streamed = {**LONG, "stream": True, "stream_options": {"include_usage": True}}
-    answers, ended_after = kill_replica_mid_answer(failover_url, "failover", [streamed, streamed, LONG])
-    for events in answers[:2]:
+    # Two seeded choices (seeds 5 and 6): each resumes with its own tokens, at its own sampling step.
+    two = {**streamed, "n": 2, "temperature": 1.0, "seed": 5}
+    want_two = httpx.post(failover_url + "/v1/completions", json={**two, "stream": False}, headers=AUTH,
+                          timeout=120).json()["choices"]  # fmt: skip
+    answers, ended_after = kill_replica_mid_answer(failover_url, "failover", [streamed, two, LONG])
+    for events, n in zip(answers[:2], (1, 2)):
         assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1])
-        assert text_of(events) == want
-        assert [e["choices"][0]["finish_reason"] for e in events[:-2]].count("length") == 1
-        assert events[-2]["usage"]["completion_tokens"] == LONG["max_tokens"]
+        assert [e["choices"][0]["finish_reason"] for e in events[:-2]].count("length") == n
+        assert events[-2]["usage"]["completion_tokens"] == n * LONG["max_tokens"]
+    assert text_of(answers[0]) == want
+    for choice in want_two:
+        got = "".join(e["choices"][0]["text"] for e in answers[1][:-2] if e["choices"][0]["index"] == choice["index"])
+        assert got == choice["text"]
     assert answers[2]["choices"][0]["text"] == want
     print(f"replica killed: streams completed {ended_after:.1f} s after the kill")
     wait_healthy(failover_url)

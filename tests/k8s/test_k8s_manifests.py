@@ -256,11 +256,15 @@ def test_head_ports_probes_autoscaling_and_upgrade(path):
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert head["rayStartParams"]["metrics-export-port"] == "8080"
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
-    # KubeRay injects its own probes only into containers that set none (the worker one also checks
-    # the Serve proxy), so the manifests leave them to it.
+    # KubeRay injects each probe a container does not set. Liveness stays KubeRay's (the raylet) on every
+    # pod, and the head's readiness too; a worker is ready when the app's /health says a replica serves.
     for pod in [head] + c["workerGroupSpecs"]:
         for ctr in pod["template"]["spec"]["containers"]:
-            assert "readinessProbe" not in ctr and "livenessProbe" not in ctr
+            assert "livenessProbe" not in ctr
+    assert "readinessProbe" not in container
+    for group in c["workerGroupSpecs"]:
+        probe = group["template"]["spec"]["containers"][0]["readinessProbe"]
+        assert probe["httpGet"] == {"path": "/health", "port": "serve"}
     assert c["enableInTreeAutoscaling"] is True
     assert c["autoscalerOptions"]["upscalingMode"] == "Default"
     assert doc["spec"]["upgradeStrategy"]["type"] in UPGRADE_TYPES
