@@ -3,9 +3,9 @@
 Each drill starts the server, sends `--streams` greedy streaming chats at once, and, once every
 stream has its first tokens, breaks the replica's worker: SIGKILL (it dies) or SIGSTOP (it hangs;
 SIGCONT once the drill is over); the third drill runs the server with `--replica-failover` and
-SIGKILLs the replica's own process (the streams wait for the replacement Serve starts). It reports, per drill: the longest gap between two tokens of a
-stream around the break (what a client notices), how long after the signal the last stream
-ended, how many streams completed with text equal to an undisturbed run of the same requests (sent
+SIGKILLs the replica's own process (the streams wait for the replacement Serve starts). It
+reports, per drill: the longest gap between two tokens of a stream around the break (what a
+client notices), how long after the signal the last stream ended, how many streams completed with text equal to an undisturbed run of the same requests (sent
 first, on the same server), and whether any stream ended in an error event.
 
     .venv/bin/python bench/fault_drill.py [--streams 4] [--max-tokens 256] [--out-json drill.json]

@@ -37,8 +37,9 @@ from deployments.config import AppConfig, AutoscalingConfig, read_api_key
 from deployments.grpc_protocol import GRPC_STATUS, grpc_authorization, grpc_request_body, grpc_response
 from deployments.metrics import ReplicaMetrics, RequestTimer, RouterMetrics
 from deployments.openai_protocol import (ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape,
-                                         chat_request, completion_request, error_body, error_response, install_error_handlers,
-                                         parse_json, read_json, tool_call_chunk, usage_of, validate, with_tool_calls)
+                                         chat_request, completion_request, error_body, error_response,
+                                         install_error_handlers, parse_json, read_json, tool_call_chunk, usage_of,
+                                         validate, with_tool_calls)
 from deployments.placement import replica_actor_options, replica_bundles, replica_engine_config
 from deployments.proto import shardserve_pb2 as pb
 from deployments.protocol import RelayCall, RelayHead, RequestError
@@ -267,7 +268,7 @@ class LLMServer:
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "shardserve"}
 
-    # -- HTTP, straight from a client or relayed by the Router ----------------------------
+    # -- HTTP, straight from a client or relayed by the Relay -----------------------------
     async def _open(self, route: str, body: dict, rid: str, resume: dict | None = None):
         """The validated request, its plan and its started choices; raises RequestError to refuse it."""
         self._check_model(body.get("model"))

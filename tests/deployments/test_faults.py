@@ -330,6 +330,29 @@ def test_streams_survive_a_killed_replica_token_for_token(failover_url):
     assert httpx.get(failover_url + "/health", timeout=10).json() == {"status": "serving"}
 
 
+def test_the_relay_answers_as_the_replicas_do(failover_url):
+    """Through the Relay, the same answers and OpenAI error bodies as from a replica."""
+    wait_healthy(failover_url)
+    assert httpx.get(failover_url + "/health", timeout=10).json() == {"status": "serving"}
+    assert httpx.get(failover_url + "/v1/models", headers=AUTH, timeout=10).json()["data"][0]["id"] == "faulty"
+    assert httpx.get(failover_url + "/v1/models/faulty", headers=AUTH, timeout=10).json()["id"] == "faulty"
+    post = lambda body, **kw: httpx.post(failover_url + "/v1/completions", content=body, timeout=30, **kw)  # noqa: E731
+    refused = {
+        "unknown path": httpx.get(failover_url + "/v2/nothing", timeout=10),
+        "no key": post(json.dumps(LONG)),
+        "not JSON": post(b"{", headers=AUTH),
+        "not UTF-8": post(b'{"prompt": "\xff"}', headers=AUTH),
+        "too large": post(b" " * (5 << 20), headers=AUTH),
+        "unknown model": httpx.get(failover_url + "/v1/models/other", headers=AUTH, timeout=10),
+    }
+    assert {k: r.status_code for k, r in refused.items()} == {
+        "unknown path": 404, "no key": 401, "not JSON": 400, "not UTF-8": 400, "too large": 413, "unknown model": 404}
+    for r in refused.values():
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    schema = httpx.get(failover_url + "/openapi.json", timeout=10).json()
+    assert "requestBody" in schema["paths"]["/v1/chat/completions"]["post"]
+
+
 def test_grpc_streams_survive_a_killed_replica(served, failover_url):
     """The same over gRPC: a GenerateStream and a Generate in flight when the replicas are killed (both:
     a gRPC answer does not name its replica) end with the undisturbed text, once Serve has replaced
