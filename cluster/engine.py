@@ -10,6 +10,9 @@ engine flattens it into one ``StepInput`` for all workers, and hands what comes 
 with earlier ones skip computing them; ``stats()`` counts the tokens looked up, found and
 computed. When a worker dies or hangs (cluster/watchdog.py), a new gang takes over and every
 live request is recomputed from its prompt and the tokens it already streamed (``_recover``).
+A request that another replica began before it died comes with those tokens (``Resume``): they
+are replayed into the request's state, recomputed with the prompt, and the stream goes on
+(``_replay``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from cluster.config import EngineConfig
 from cluster.guided import GuidedDecoding
 from cluster.local_gang import LocalGang
 from cluster.processing import InputProcessor, OutputStream
-from cluster.protocol import EngineDeadError, EngineStats, GangError, GenerateRequest, RequestOutput
+from cluster.protocol import EngineDeadError, EngineStats, GangError, GenerateRequest, RequestOutput, Resume
 from cluster.scheduler import Batch, Scheduler, Sequence
 from cluster.watchdog import StepDeadline
 from cluster.worker import StepInput
@@ -167,21 +170,20 @@ class LLMEngine:
             if not finished:
                 self.abort(request_id)
 
-    def _replay(self, req: _Request, resume) -> RequestOutput:
+    def _replay(self, req: _Request, resume: Resume) -> RequestOutput:
         """The tokens another replica already streamed, taken as if sampled here (the sequence, its
         grammar, its detokenizer and counts move on through them), as one delta: the first of the
         stream, which the caller does not send again. The sequence is still waiting, so its prefill
         computes them with the prompt."""
-        seq, text, last = req.seq, [], None
+        seq, text = req.seq, []
         for token in resume.token_ids:
             seq.output_ids.append(token)
             if seq.matcher is not None:
                 seq.matcher.consume_token(token)
-            last = req.stream.add(token, None, None, None)
-            text.append(last.text)
+            text.append(req.stream.add(token, None, None, None).text)
         if resume.finish_reason is not None:
             text.append(req.stream.detok.flush())
-        return RequestOutput(req.seq.request_id, "".join(text), list(resume.token_ids), None,
+        return RequestOutput(seq.request_id, "".join(text), list(resume.token_ids), None,
                              finished=resume.finish_reason is not None, finish_reason=resume.finish_reason,
                              prompt_tokens=req.stream.prompt_tokens, completion_tokens=req.stream.completion_tokens)  # fmt: skip
 

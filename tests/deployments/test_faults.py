@@ -82,11 +82,15 @@ def wait_healthy(url: str, timeout_s: float = 120) -> float:
     raise AssertionError(f"{url} did not become healthy in {timeout_s} s")
 
 
-async def stream_events(client: httpx.AsyncClient, url: str, started: asyncio.Event) -> list:
-    """Every SSE data payload of one streamed completion (parsed JSON, or the literal [DONE])."""
+async def stream_events(client: httpx.AsyncClient, url: str, started: asyncio.Event, body: dict | None = None,
+                        replicas: list | None = None) -> list:  # fmt: skip
+    """Every SSE data payload of one streamed completion (parsed JSON, or the literal [DONE]); the
+    replica that answered is appended to `replicas`."""
     events = []
-    async with client.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}, headers=AUTH) as r:
+    async with client.stream("POST", url + "/v1/completions", json=body or {**LONG, "stream": True}, headers=AUTH) as r:
         assert r.status_code == 200
+        if replicas is not None:
+            replicas.append(r.headers["x-shardserve-replica"])
         async for line in r.aiter_lines():
             if line.startswith("data: "):
                 data = line[len("data: "):]
@@ -275,20 +279,10 @@ def kill_replica_mid_answer(url: str, app: str, bodies: list[dict]) -> tuple[lis
     kill the last ended."""
 
     async def one(client: httpx.AsyncClient, body: dict, started: asyncio.Event, replica: list):
-        if not body.get("stream"):
-            started.set()
-            r = await client.post(url + "/v1/completions", json=body, headers=AUTH)
-            return r.json()
-        events = []
-        async with client.stream("POST", url + "/v1/completions", json=body, headers=AUTH) as r:
-            assert r.status_code == 200
-            replica.append(r.headers["x-shardserve-replica"])
-            async for line in r.aiter_lines():
-                if line.startswith("data: "):
-                    data = line[len("data: "):]
-                    events.append(data if data == "[DONE]" else json.loads(data))
-                    started.set()
-        return events
+        if body.get("stream"):
+            return await stream_events(client, url, started, body, replica)
+        started.set()
+        return (await client.post(url + "/v1/completions", json=body, headers=AUTH)).json()
 
     async def main():
         async with httpx.AsyncClient(timeout=180) as client:
