@@ -2,7 +2,9 @@
 and a burst past a replica's capacity. Their own apps on the session's Serve, each one replica of
 the tiny Llama on a TP=2 gang, so a worker can fail while its replica lives on: "faults" (under
 /faults) resumes requests on a new gang; "faults0" (/faults0) has max_migrations=0, so its
-requests fail, as every request does past its migrations.
+requests fail, as every request does past its migrations. "failover" (2 replicas, PP=2) and
+"failover1" (1 replica, TP=2, max_migrations=1) run with replica_failover: the Relay in front,
+and a replica's own process is killed.
 """
 
 from __future__ import annotations
