@@ -66,9 +66,10 @@ async def _sse(answer: AsyncIterator[str]) -> AsyncIterator[str]:
 @serve.ingress(relay_api)
 class Relay:
     def __init__(self, server: DeploymentHandle, max_migrations: int, recovery_timeout_s: float, max_body_bytes: int):
-        self.server, self.max_migrations, self.recovery_timeout_s = server, max_migrations, recovery_timeout_s
-        self.max_body_bytes = max_body_bytes
-        self.server._init()  # start the handle's request router now, not on the first request
+        server._init()  # start the handle's request router now, not on the first request
+        # Calls go to the replicas over gRPC, each streamed item in the reply, not as Ray objects.
+        self.server = server.options(_by_reference=False)
+        self.max_migrations, self.recovery_timeout_s, self.max_body_bytes = max_migrations, recovery_timeout_s, max_body_bytes
 
     async def _follow(self, start, rid: str) -> AsyncIterator:
         """A relayed answer as it comes: the first replica's head, then the payload of every item of its
