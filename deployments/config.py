@@ -25,6 +25,9 @@ SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
     "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE": str(256 * 1024),
+    # The Relay calls replicas over gRPC, the request body inside: above Serve's 4 MiB default so a body
+    # up to max_request_body_bytes (4 MiB by default) fits with its envelope.
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(256 << 20),
 }
 
 
@@ -92,10 +95,10 @@ class AppConfig(EngineConfig):
         "(llama3_json: Llama 3.1+) or `[TOOL_CALLS]` (mistral); auto = from the chat template, hermes if it shows none.",
     )
     replica_failover: bool = Field(
-        False,
+        True,
         description="A Relay deployment holds every stream and resumes it on another replica, token-exact, "
-        "when its replica's process dies (max_migrations, recovery_timeout_s bound it); costs one process more "
-        "on each token's way. Off: tokens go straight from the replica, and a replica's death ends its streams.",
+        "when its replica's process dies (max_migrations, recovery_timeout_s bound it). Off: tokens go from the "
+        "replica through HAProxy alone, and a replica's death ends its streams.",
     )
     max_request_body_bytes: int = Field(
         4 << 20, ge=1024, description="Largest request body accepted; a larger one gets 413 before it is parsed."

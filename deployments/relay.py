@@ -153,7 +153,7 @@ class Relay:
         """The messages of a Generate (one) or GenerateStream answer; a refusal or a failure sets the
         gRPC code and raises (Serve reports a code only with an exception when no message was sent)."""
         rid, authorization = uuid.uuid4().hex, grpc_authorization(grpc_context)
-        routing, relay = RoutingRequest(grpc_prompt(request)), self.server.options(stream=True).relay_grpc
+        routing, relay = RoutingRequest.of(grpc_prompt(request)), self.server.options(stream=True).relay_grpc
         # Generate sends nothing before its one message: a new replica starts it again from the beginning.
         answer = self._follow(lambda resume: relay.remote(routing, method, request, authorization, rid, resume), rid)
         try:

@@ -30,11 +30,20 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, Reque
 RECENT_S = 1.0  # requests routed this recently count as load a replica may not have reported yet
 
 
+ROUTING_PREFIX_CHARS = 64 << 10  # of a prompt's text, what prefix affinity looks at (~16k tokens)
+
+
 @dataclass(frozen=True)
 class RoutingRequest:
-    """What the router reads of a request: its prompt (text, chat messages, or token ids)."""
+    """What the router reads of a request: the start of its prompt's text (prompt_text), bounded
+    because it travels with the request and is hashed chunk by chunk."""
 
-    prompt: str | list
+    prompt: str
+
+    @classmethod
+    def of(cls, prompt: str | list) -> "RoutingRequest":
+        """For a prompt as a request gives it: text, chat messages, or token ids."""
+        return cls(prompt_text(prompt)[:ROUTING_PREFIX_CHARS])
 
 
 def prompt_text(prompt: str | list) -> str:
@@ -74,9 +83,9 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         # Read by attribute: Serve may load this router class apart from the module the Router
         # imports, so an isinstance check against RoutingRequest can fail for a RoutingRequest.
         prompt = getattr(pending_request.args[0], "prompt", None) if pending_request and pending_request.args else None
-        if not isinstance(prompt, (str, list)):
+        if not isinstance(prompt, str):
             return []
-        return prefix_keys(prompt_text(prompt), self.chunk_chars, self.min_prefix_chars)
+        return prefix_keys(prompt, self.chunk_chars, self.min_prefix_chars)
 
     def _loads(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
         while self._recent and self._recent[0][0] < time.monotonic() - RECENT_S:

@@ -34,7 +34,7 @@ def routing_request(body: bytes) -> RoutingRequest | None:
     if not isinstance(data, dict):
         return None
     prompt = data.get("messages") or data.get("prompt")
-    return RoutingRequest(prompt) if isinstance(prompt, (str, list)) else None
+    return RoutingRequest.of(prompt) if isinstance(prompt, (str, list)) else None
 
 
 @serve.ingress(router_api)
