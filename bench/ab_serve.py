@@ -10,7 +10,7 @@ falls on both sides alike; the table gives each side's median and the ratio afte
     .venv/bin/python bench/ab_serve.py --before 8c2a5c8 [--rounds 2] [--concurrency 1,8,32] [--out F]
 
 A setting's cost: the same commit on both sides, the flag on one, e.g.
-    .venv/bin/python bench/ab_serve.py --before HEAD --after-flags=--replica-failover
+    .venv/bin/python bench/ab_serve.py --before HEAD --before-flags=--no-replica-failover
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 Each drill starts the server, sends `--streams` greedy streaming chats at once, and, once every
 stream has its first tokens, breaks the replica's worker: SIGKILL (it dies) or SIGSTOP (it hangs;
-SIGCONT once the drill is over); the third drill runs the server with `--replica-failover` and
-SIGKILLs the replica's own process (the streams wait for the replacement Serve starts). It
-reports, per drill: the longest gap between two tokens of a stream around the break (what a
-client notices), how long after the signal the last stream ended, how many streams completed with text equal to an undisturbed run of the same requests (sent
-first, on the same server), and whether any stream ended in an error event.
+SIGCONT once the drill is over); the third drill SIGKILLs the replica's own process (the streams
+wait for the replacement Serve starts). It reports, per drill: the longest gap between two tokens
+of a stream around the break (what a client notices), how long after the signal the last stream
+ended, how many streams completed with text equal to an undisturbed run of the same requests
+(sent first, on the same server), and whether any stream ended in an error event.
 
     .venv/bin/python bench/fault_drill.py [--streams 4] [--max-tokens 256] [--out-json drill.json]
 """
@@ -80,8 +80,6 @@ async def run_streams(url: str, bodies: list[dict], server_pid: int | None = Non
 def drill(target: str, sig: int, streams: int, max_tokens: int, workdir: Path) -> dict:
     port = peers.free_port()
     cmd, env = peers.server_command("shardserve", resolve_model(None), "float32", DEFAULT_MODEL, port, workdir)
-    if target == "replica":
-        cmd.append("--replica-failover")
     log = workdir / f"serve-{target}-{signal.Signals(sig).name}.log"
     proc = peers.start(cmd, env, log)
     url = f"http://127.0.0.1:{port}"

@@ -1,15 +1,16 @@
 """build_app(config) -> Application: the one builder used by `serve run`, `shardserve serve` and the tests.
 
-The LLMServer replicas are the ingress: each answers HTTP and gRPC itself. With HAProxy in front
-(``RAY_SERVE_ENABLE_HA_PROXY=1`` in the environment of Ray and of the process that builds the
-app, as ``shardserve serve`` and the manifests set it), the Router picks the replica for every
-request and the tokens stream from the replica through HAProxy alone. Without it, Serve's proxy
-forwards to the replicas (one process more on each token's way) and prefix affinity falls back
-to load balancing, since the proxy hands routing no request body.
+By default (``replica_failover``) the Relay (deployments/relay.py) is the ingress, behind HAProxy
+or Serve's proxy alike: it passes each request to an LLMServer replica through a handle (the
+prefix-affinity request router picks it) and holds the stream, so that a replica's death does not
+end it.
 
-With ``replica_failover`` the Relay (deployments/relay.py) is the ingress instead, behind HAProxy
-or Serve's proxy alike: it passes each request to a replica through a handle (the same request
-router picks it) and holds the stream, so that a replica's death does not end it.
+With ``replica_failover: false`` the LLMServer replicas are the ingress: each answers HTTP and
+gRPC itself. With HAProxy in front (``RAY_SERVE_ENABLE_HA_PROXY=1`` in the environment of Ray and
+of the process that builds the app, as ``shardserve serve`` and the manifests set it), the Router
+picks the replica for every request and the tokens stream from the replica through HAProxy alone.
+Without it, Serve's proxy forwards to the replicas and prefix affinity falls back to load
+balancing, since the proxy hands routing no request body.
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
-"""LLMServer: one Serve replica = one engine (and its gang), and the ingress that serves it.
+"""LLMServer: one Serve replica = one engine (and its gang), and what it answers.
 
-The replica answers HTTP (the OpenAI-compatible API) and gRPC itself: it authenticates,
-validates the body with the pydantic models of deployments/openai_protocol.py, starts the
-request on its engine and waits for the first delta, so that any refusal is known before a byte
-is sent; then the deltas stream out as SSE chunks or gRPC messages from this process. Tokens
-cross no other process on their way out: in HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1``, what
-``shardserve serve`` and the manifests run) HAProxy forwards each request straight to the
-replica that the Router (deployments/router.py) picks; otherwise Serve's proxy forwards it.
+A replica authenticates, validates the body with the pydantic models of
+deployments/openai_protocol.py, starts the request on its engine and waits for the first delta,
+so that any refusal is known before a byte is sent; then the deltas go out as SSE chunks or gRPC
+messages. By default they go to the Relay (deployments/relay.py: ``relay``, ``relay_grpc``,
+``relay_get``), each with the tokens it carries, so that the Relay can resume the stream on another
+replica if this one dies. With ``replica_failover: false`` the replica is the ingress and answers
+HTTP and gRPC itself: in HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1``, what ``shardserve serve``
+and the manifests run) HAProxy forwards each request straight to the replica that the Router
+(deployments/router.py) picks; otherwise Serve's proxy forwards it.
 
 Besides serving, a replica reports its engine's state: as metrics (deployments/metrics.py), as
 the autoscaling signal (``record_autoscaling_stats``, deployments/autoscaling.py) and as the
-load the Router balances on (``record_routing_stats``).
+load the request router balances on (``record_routing_stats``).
 """
 # No `from __future__ import annotations`: see deployments/router.py.
 

@@ -1,6 +1,6 @@
 """RequestError: every refusal of a request, carrying its HTTP status and OpenAI error fields
 (gRPC maps the status to a code); RelayCall and RelayHead: what the Router and a replica pass
-when the Router holds the streams (``replica_failover``)."""
+when the Relay holds the streams (``replica_failover``)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _request_error(status, message, type_, param, code, retry_after=None) -> Req
 
 @dataclass(frozen=True)
 class RelayCall:
-    """An HTTP request as the Router relays it to a replica (``replica_failover``): the body as the
+    """An HTTP request as the Relay passes it to a replica (``replica_failover``): the body as the
     client sent it (the replica parses and checks it), and what the Router fixes for the whole
     answer, whichever replicas write it: its id, its creation time and, after a replica failed,
     what each choice already delivered."""
