@@ -71,7 +71,8 @@ class Relay:
         server._init()  # start the handle's request router now, not on the first request
         # Calls go to the replicas over gRPC, each streamed item in the reply, not as Ray objects.
         self.server = server.options(_by_reference=False)
-        self.max_migrations, self.recovery_timeout_s, self.max_body_bytes = max_migrations, recovery_timeout_s, max_body_bytes
+        self.max_migrations, self.recovery_timeout_s = max_migrations, recovery_timeout_s
+        self.max_body_bytes = max_body_bytes
 
     async def _follow(self, start, rid: str) -> AsyncIterator:
         """A relayed answer as it comes: the first replica's head, then the payload of every item of its
