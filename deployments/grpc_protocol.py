@@ -47,6 +47,12 @@ def grpc_request_body(request: pb.GenerateRequest, model_name: str) -> tuple[dic
     return body, CompletionRequest
 
 
+def set_grpc_error(grpc_context, e: RequestError) -> None:
+    """The refusal or failure as the call's gRPC status and details."""
+    grpc_context.set_code(GRPC_STATUS[e.status])
+    grpc_context.set_details(e.message)
+
+
 def grpc_authorization(grpc_context) -> str | None:
     """The request's `authorization` metadata."""
     return dict(grpc_context.invocation_metadata()).get("authorization")

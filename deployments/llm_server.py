@@ -36,12 +36,13 @@ from deployments import drain, openai_schema
 from deployments.admission import Admission
 from deployments.autoscaling import engine_utilization
 from deployments.config import AppConfig, AutoscalingConfig, read_api_key
-from deployments.grpc_protocol import GRPC_STATUS, grpc_authorization, grpc_request_body, grpc_response
+from deployments.grpc_protocol import (GRPC_STATUS, grpc_authorization, grpc_request_body, grpc_response,
+                                       set_grpc_error)
 from deployments.metrics import ReplicaMetrics, RequestTimer, RouterMetrics
 from deployments.openai_protocol import (ChatCompletionRequest, ChatShape, CompletionRequest, CompletionShape,
-                                         chat_request, completion_request, error_body, error_response,
-                                         install_error_handlers, parse_json, read_json, tool_call_chunk, usage_of,
-                                         validate, with_tool_calls)
+                                         chat_request, completion_request, error_response, install_error_handlers,
+                                         parse_json, read_json, sse_error, tool_call_chunk, usage_of, validate,
+                                         with_tool_calls)
 from deployments.placement import replica_actor_options, replica_bundles, replica_engine_config
 from deployments.proto import shardserve_pb2 as pb
 from deployments.protocol import RelayCall, RelayHead, RequestError
@@ -377,9 +378,8 @@ class LLMServer:
                     # text held back (it may begin a call): nothing to send for it yet
                     send = send and (first or delta["content"] or "tool_calls" in delta or item.finished)
                 yield (f"data: {json.dumps(chunk)}\n\n" if send else ""), index, item
-        except RequestError as e:  # never a silently cut stream: an error event, then the end
-            yield f"data: {json.dumps(error_body(e.message, e.type, code=e.code))}\n\n", None, None
-            yield "data: [DONE]\n\n", None, None
+        except RequestError as e:  # the model failed mid-stream
+            yield sse_error(e), None, None
             return
         if include_usage:
             usage = usage_of([last[i] for i in sorted(last)], plan.n)
@@ -491,8 +491,7 @@ class LLMServer:
             yield e
 
     def _grpc_refuse(self, grpc_context, e: RequestError, route: str) -> None:
-        grpc_context.set_code(GRPC_STATUS[e.status])
-        grpc_context.set_details(e.message)
+        set_grpc_error(grpc_context, e)
         self.requests.request(route, GRPC_STATUS[e.status].name)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
@@ -530,8 +529,7 @@ class LLMServer:
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
         refusal = self._unavailable_reason()
         if refusal is not None:
-            grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
-            grpc_context.set_details(refusal.message)
+            set_grpc_error(grpc_context, refusal)  # 503: UNAVAILABLE
             return pb.HealthResponse(status=refusal.code or "unavailable")
         return pb.HealthResponse(status="ok")
 

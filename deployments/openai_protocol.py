@@ -214,6 +214,11 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def sse_error(e: RequestError) -> str:
+    """How a stream that fails ends: the OpenAI error event, then [DONE]; never a silently cut stream."""
+    return f"data: {json.dumps(e.body())}\n\ndata: [DONE]\n\n"
+
+
 def error_response(e: RequestError, headers: dict | None = None) -> JSONResponse:
     headers = dict(headers or {})
     if e.retry_after is not None:

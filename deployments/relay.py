@@ -22,13 +22,11 @@ here, over Ray object references it cost 19% of throughput under load (BENCHMARK
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 import uuid
 from typing import AsyncIterator
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -37,8 +35,8 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.protocol import Resume
 from deployments import openai_schema
-from deployments.grpc_protocol import GRPC_STATUS, grpc_authorization, grpc_prompt
-from deployments.openai_protocol import error_response, install_error_handlers, read_body
+from deployments.grpc_protocol import grpc_authorization, grpc_prompt, set_grpc_error
+from deployments.openai_protocol import error_response, install_error_handlers, read_body, sse_error
 from deployments.proto import shardserve_pb2 as pb
 from deployments.protocol import RelayCall, RequestError
 from deployments.request_router import RoutingRequest
@@ -59,8 +57,7 @@ async def _sse(answer: AsyncIterator[str]) -> AsyncIterator[str]:
             if text:
                 yield text
     except RequestError as e:
-        yield f"data: {json.dumps(e.body())}\n\n"
-        yield "data: [DONE]\n\n"
+        yield sse_error(e)
     finally:
         await answer.aclose()
 
@@ -164,8 +161,7 @@ class Relay:
             async for message in answer:
                 yield message
         except RequestError as e:
-            grpc_context.set_code(GRPC_STATUS[e.status])
-            grpc_context.set_details(e.message)
+            set_grpc_error(grpc_context, e)
             raise
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
@@ -181,17 +177,15 @@ class Relay:
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
         answer = await self._ask("/v1/models", grpc_authorization(grpc_context))
         if isinstance(answer, RequestError):
-            grpc_context.set_code(GRPC_STATUS[answer.status])
-            grpc_context.set_details(answer.message)
+            set_grpc_error(grpc_context, answer)
             return pb.ListModelsResponse()
         return pb.ListModelsResponse(models=[pb.ModelCard(id=m["id"], created=m["created"], owned_by=m["owned_by"])
                                              for m in answer["data"]])  # fmt: skip
 
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
         answer = await self._ask("/health", None)
-        if isinstance(answer, RequestError):
-            grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
-            grpc_context.set_details(answer.message)
+        if isinstance(answer, RequestError):  # 503: UNAVAILABLE
+            set_grpc_error(grpc_context, answer)
             return pb.HealthResponse(status=answer.code or "unavailable")
         return pb.HealthResponse(status="ok")
 
