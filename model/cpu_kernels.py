@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("paged_attention.cpp", "fused_ops.cpp", "gemv.cpp")]
-HEADERS = [CSRC / "float_convert.h"]
+HEADERS = [CSRC / name for name in ("float_convert.h", "kernels.h")]
 OPS = ("paged_decode_attention", "rms_norm", "add_rms_norm", "silu_and_mul", "rotary", "gemv")
 SWITCH = "SHARDSERVE_CPU_KERNELS"
 # -fopenmp: at::parallel_for is an OpenMP loop compiled into the library; it links libgomp.so.1,

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "float_convert.h"
+#include "kernels.h"
 
 #include <cmath>
 #include <cstring>
@@ -91,6 +92,10 @@ void check_norm_args(const at::Tensor& x, const at::Tensor& other, const char* o
               w.scalar_type());
   TORCH_CHECK(other.size(0) == x.size(0) && other.scalar_type() == x.scalar_type(), other_name, " must match x");
 }
+
+}  // namespace
+
+namespace shardserve {
 
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_norm_args(x, out, "out", weight);
@@ -205,7 +210,7 @@ void rotary(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin_signed) {
   });
 }
 
-}  // namespace
+}  // namespace shardserve
 
 TORCH_LIBRARY_FRAGMENT(shardserve, m) {
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
@@ -215,8 +220,8 @@ TORCH_LIBRARY_FRAGMENT(shardserve, m) {
 }
 
 TORCH_LIBRARY_IMPL(shardserve, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm", &add_rms_norm);
-  m.impl("silu_and_mul", &silu_and_mul);
-  m.impl("rotary", &rotary);
+  m.impl("rms_norm", &shardserve::rms_norm);
+  m.impl("add_rms_norm", &shardserve::add_rms_norm);
+  m.impl("silu_and_mul", &shardserve::silu_and_mul);
+  m.impl("rotary", &shardserve::rotary);
 }

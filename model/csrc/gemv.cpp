@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "float_convert.h"
+#include "kernels.h"
 
 #include <array>
 #include <optional>
@@ -96,6 +97,10 @@ void gemv_typed(const at::Tensor& out, const at::Tensor& x, const at::Tensor& we
   }
 }
 
+}  // namespace
+
+namespace shardserve {
+
 void gemv(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const auto dtype = weight.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "gemv takes float32 or bfloat16 weights, got ", dtype);
@@ -118,8 +123,8 @@ void gemv(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, const s
   }
 }
 
-}  // namespace
+}  // namespace shardserve
 
 TORCH_LIBRARY_FRAGMENT(shardserve, m) { m.def("gemv(Tensor(a!) out, Tensor x, Tensor weight, Tensor? bias) -> ()"); }
 
-TORCH_LIBRARY_IMPL(shardserve, CPU, m) { m.impl("gemv", &gemv); }
+TORCH_LIBRARY_IMPL(shardserve, CPU, m) { m.impl("gemv", &shardserve::gemv); }

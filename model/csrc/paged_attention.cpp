@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "float_convert.h"
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -131,6 +132,10 @@ void dispatch_head_dim(at::Tensor& out, const at::Tensor& q, const at::Tensor& c
   }
 }
 
+}  // namespace
+
+namespace shardserve {
+
 // out, q: (num_seqs, num_heads, head_dim), q's rows may be strided; cache: (2, num_blocks, block_size, num_kv_heads, head_dim);
 // tables: (>= num_seqs, max_blocks) int64; context_lens: (num_seqs,) int32, each >= 1.
 void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables,
@@ -159,11 +164,11 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
   }
 }
 
-}  // namespace
+}  // namespace shardserve
 
 TORCH_LIBRARY(shardserve, m) {
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor cache, Tensor tables, Tensor context_lens, "
         "float scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(shardserve, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(shardserve, CPU, m) { m.impl("paged_decode_attention", &shardserve::paged_decode_attention); }
