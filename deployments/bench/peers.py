@@ -95,11 +95,13 @@ def ensure_llamacpp(cache: Path, say=print) -> tuple[Path, Path]:
     if server.exists():
         return server, tree
     log = cache / "llama-cpp-build.log"
+    cache.mkdir(parents=True, exist_ok=True)
     if not tree.exists():
         say(f"downloading {LLAMA_CPP_PACKAGE} {LLAMA_CPP_VERSION} (llama.cpp's source) from PyPI")
-        index = f"https://pypi.org/pypi/{LLAMA_CPP_PACKAGE}/{LLAMA_CPP_VERSION}/json"
+        # The project's JSON lists every release's files; PyPI's per-version JSON answers 404 from here.
+        index = f"https://pypi.org/pypi/{LLAMA_CPP_PACKAGE}/json"
         with urllib.request.urlopen(index, timeout=60) as response:
-            files = json.load(response)["urls"]
+            files = json.load(response)["releases"][LLAMA_CPP_VERSION]
         sdist = next(f for f in files if f["packagetype"] == "sdist")
         archive = cache / sdist["filename"]
         urllib.request.urlretrieve(urljoin(index, sdist["url"]), archive)
